@@ -1,0 +1,299 @@
+"""The library API: :class:`Puller`, the options it takes and the results it returns.
+
+::
+
+    async with Puller(store="./cache", on_event=print) as p:
+        result = await p.pull("alpine")
+        results = await p.pull_many(["alpine", "127.0.0.1:5000/team/api:3"])
+
+One ``Puller`` holds one registry client, one content store and one blob scheduler,
+so every image pulled through it shares connections, the concurrency limit and
+deduplication.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from . import mediatypes
+from .client import ClientOptions, FetchedManifest, RegistryClient
+from .digest import Digest
+from .errors import ManifestError, PullerError, SizeMismatch, UnsupportedManifest
+from .events import BlobDone, BlobQueued, Event, Listener, ManifestResolved, PullDone, \
+    PullFailed, PullStarted
+from .manifest import MAX_MANIFEST_SIZE, Descriptor, ImageIndex, ImageManifest, parse_manifest
+from .platform import Platform, select
+from .reference import Reference
+from .scheduler import BlobScheduler
+from .store import ContentStore, default_store_path
+
+__all__ = ["Puller", "PullOptions", "PullResult", "ImageResult"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PullOptions:
+    """What to pull. Frozen and validated."""
+
+    platform: Platform | None = None  # None: the host's platform
+    all_platforms: bool = False  # every image of an index (never attestations)
+    concurrency: int = 8  # blobs downloaded at once, across all images
+    include_foreign: bool = False  # also fetch non-distributable layers that carry URLs
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.concurrency <= 256:
+            raise ValueError("concurrency must be between 1 and 256")
+        if self.platform is not None and not isinstance(self.platform, Platform):
+            raise TypeError("platform must be a puller.Platform (use Platform.parse)")
+
+
+@dataclass(frozen=True, slots=True)
+class ImageResult:
+    """One platform image of a pull."""
+
+    manifest_digest: str
+    media_type: str
+    platform: str | None
+    config_digest: str
+    layers: tuple[str, ...]
+    size: int  # config + layers, bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PullResult:
+    reference: str  # normalised, as named in the store's index.json
+    name: str  # registry/repository
+    digest: str  # what the reference resolved to (index or manifest)
+    media_type: str
+    images: tuple[ImageResult, ...]
+    blobs_fetched: int
+    blobs_reused: int
+    bytes_fetched: int
+    up_to_date: bool  # nothing fetched and the store already named this digest
+
+    @property
+    def pinned(self) -> str:
+        """``registry/repository@digest``: the reference that always gives these bytes."""
+        return f"{self.name}@{self.digest}"
+
+
+class Puller:
+    """Pulls images into a :class:`ContentStore`. Use as an async context manager."""
+
+    def __init__(self, *, store: str | os.PathLike[str] | ContentStore | None = None,
+                 options: PullOptions | None = None,
+                 client_options: ClientOptions | None = None,
+                 on_event: Listener | None = None) -> None:
+        if isinstance(store, ContentStore):
+            self.store = store
+        else:
+            self.store = ContentStore(store if store is not None else default_store_path())
+        self.options = options or PullOptions()
+        self._client_options = client_options or ClientOptions()
+        self._listener = on_event
+        self._client: RegistryClient | None = None
+        self._scheduler: BlobScheduler | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def __aenter__(self) -> Puller:
+        loop = asyncio.get_running_loop()
+        self._executor = ThreadPoolExecutor(
+            max_workers=min(32, self.options.concurrency + 2), thread_name_prefix="puller-io")
+        try:
+            await loop.run_in_executor(self._executor, self.store.init)
+            self._client = await RegistryClient(self._client_options).__aenter__()
+        except BaseException:
+            self._executor.shutdown(wait=True)
+            raise
+        self._scheduler = BlobScheduler(self._client, self.store,
+                                        concurrency=self.options.concurrency,
+                                        executor=self._executor, emit=self._emit)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            if self._scheduler is not None:
+                await self._scheduler.aclose()
+            if self._client is not None:
+                await self._client.__aexit__(None, None, None)
+        finally:
+            self._client = None
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+    def _emit(self, event: Event) -> None:
+        if self._listener is not None:
+            self._listener(event)
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # -- pulling -------------------------------------------------------------------------
+
+    async def pull_many(self, refs: Iterable[str | Reference], *,
+                        fail_fast: bool = False) -> list[PullResult | PullerError]:
+        """Pull several images at once through the shared scheduler.
+
+        Returns one entry per reference, in order: a result, or the error that image
+        failed with. With ``fail_fast`` the first failure cancels the rest.
+        """
+        tasks = [asyncio.create_task(self.pull(r)) for r in refs]
+        if fail_fast:
+            try:
+                await asyncio.gather(*tasks)
+            except PullerError:
+                for t in tasks:
+                    t.cancel()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        out: list[PullResult | PullerError] = []
+        for r in done:
+            if isinstance(r, BaseException) and not isinstance(r, PullerError):
+                if isinstance(r, asyncio.CancelledError):
+                    err = PullerError("cancelled after another image failed")
+                    out.append(err)
+                    continue
+                raise r
+            out.append(r)
+        return out
+
+    async def pull(self, ref: str | Reference, *, platform: Platform | None = None,
+                   all_platforms: bool | None = None) -> PullResult:
+        """Pull one image (every blob verified) and name it in the store's index."""
+        if self._client is None or self._scheduler is None:
+            raise RuntimeError("Puller used outside `async with`")
+        if not isinstance(ref, Reference):
+            ref = Reference.parse(ref)
+        name = str(ref)
+        self._emit(PullStarted(ref=name))
+        try:
+            return await self._pull(ref, name, platform or self.options.platform,
+                                    self.options.all_platforms if all_platforms is None
+                                    else all_platforms)
+        except PullerError as exc:
+            self._emit(PullFailed(ref=name, error=str(exc), error_type=type(exc).__name__))
+            raise
+
+    async def _manifest(self, ref: Reference, digest: Digest | None = None,
+                        expect: Descriptor | None = None) -> FetchedManifest:
+        """A manifest by digest comes from the store when it is there (content never
+        changes); anything else from the registry."""
+        assert self._client is not None
+        if digest is not None and self.store.has(digest):
+            data = await self._run(lambda: self.store.read(digest, max_size=MAX_MANIFEST_SIZE))
+            media_type = expect.media_type if expect is not None else None
+            return FetchedManifest(data=data, media_type=media_type, digest=digest)
+        fetched = await self._client.get_manifest(ref, str(digest) if digest else None)
+        if expect is not None and len(fetched.data) != expect.size:
+            raise SizeMismatch(f"manifest {expect.digest} of {ref.name} is "
+                               f"{len(fetched.data)} bytes, the index says {expect.size}")
+        return fetched
+
+    def _choose(self, ref: Reference, index: ImageIndex, want: Platform | None,
+                all_platforms: bool) -> list[Descriptor]:
+        images = [d for d in index.images() if d.media_type in mediatypes.IMAGE_MANIFESTS]
+        if all_platforms:
+            if not images:
+                raise ManifestError(f"index of {ref} lists no images")
+            return images
+        target = want or Platform.host()
+        return [select([(d.platform, d) for d in images], target)]
+
+    async def _pull(self, ref: Reference, name: str, want: Platform | None,
+                    all_platforms: bool) -> PullResult:
+        assert self._scheduler is not None
+        previous = self.store.lookup(name)
+        top = await self._manifest(ref, ref.digest)
+        parsed = parse_manifest(top.data, top.media_type)
+        top_type = parsed.media_type
+
+        # (descriptor or None for the top manifest itself, bytes, parsed manifest)
+        children: list[tuple[Descriptor | None, bytes, ImageManifest]] = []
+        if isinstance(parsed, ImageIndex):
+            chosen = self._choose(ref, parsed, want, all_platforms)
+            fetched = await asyncio.gather(*(self._manifest(ref, d.digest, d) for d in chosen))
+            for d, f in zip(chosen, fetched):
+                child = parse_manifest(f.data, f.media_type or d.media_type)
+                if not isinstance(child, ImageManifest):
+                    raise UnsupportedManifest(
+                        f"{ref}: nested index {d.digest} in an index is not supported")
+                children.append((d, f.data, child))
+        else:
+            children.append((None, top.data, parsed))
+
+        images: list[ImageResult] = []
+        wanted: list[tuple[Descriptor, str]] = []
+        for d, _, m in children:
+            plat = str(d.platform) if d is not None and d.platform is not None else None
+            blobs = [m.config] + [layer for layer in m.layers
+                                  if self.options.include_foreign or not layer.urls]
+            total = sum(b.size for b in blobs)
+            manifest_digest = str(d.digest) if d is not None else str(top.digest)
+            self._emit(ManifestResolved(ref=name, digest=str(top.digest),
+                                        manifest_digest=manifest_digest, media_type=m.media_type,
+                                        platform=plat, layers=len(m.layers), total_bytes=total))
+            images.append(ImageResult(manifest_digest=manifest_digest, media_type=m.media_type,
+                                      platform=plat, config_digest=str(m.config.digest),
+                                      layers=tuple(str(x.digest) for x in m.layers), size=total))
+            for b in blobs:
+                wanted.append((b, "config" if b is m.config else "layer"))
+
+        # One fetch per distinct digest of this image set; the scheduler dedupes across images.
+        unique: dict[Digest, tuple[Descriptor, str]] = {}
+        for b, role in wanted:
+            prior = unique.get(b.digest)
+            if prior is not None and prior[0].size != b.size:
+                raise ManifestError(f"{ref}: blob {b.digest} is listed with two sizes")
+            unique.setdefault(b.digest, (b, role))
+        for b, role in unique.values():
+            self._emit(BlobQueued(ref=name, digest=str(b.digest), size=b.size, role=role))
+        results = await _gather_all(*(self._fetch(ref, name, b) for b, _ in unique.values()))
+
+        fetched_count = sum(1 for status, _ in results if status == "downloaded")
+        reused = len(results) - fetched_count
+        bytes_fetched = sum(n for _, n in results)
+
+        # Blobs first, then child manifests, then the top: nothing is named before all
+        # that it points to is stored.
+        for d, data, _ in children:
+            if d is not None:
+                await self._run(self.store.put, d.digest, data)
+        await self._run(self.store.put, top.digest, top.data)
+        entry = {"mediaType": top_type, "digest": str(top.digest), "size": len(top.data)}
+        await self._run(self.store.set_ref, name, entry)
+
+        up_to_date = (fetched_count == 0 and previous is not None
+                      and previous.get("digest") == str(top.digest))
+        result = PullResult(reference=name, name=ref.name, digest=str(top.digest), media_type=top_type,
+                            images=tuple(images), blobs_fetched=fetched_count,
+                            blobs_reused=reused, bytes_fetched=bytes_fetched,
+                            up_to_date=up_to_date)
+        self._emit(PullDone(ref=name, digest=result.digest,
+                            platforms=[i.platform for i in images if i.platform],
+                            blobs_fetched=fetched_count, blobs_reused=reused,
+                            bytes_fetched=bytes_fetched, up_to_date=up_to_date))
+        return result
+
+    async def _fetch(self, ref: Reference, name: str, desc: Descriptor) -> tuple[str, int]:
+        assert self._scheduler is not None
+        status, n = await self._scheduler.fetch(ref, desc, image=name)
+        self._emit(BlobDone(ref=name, digest=str(desc.digest), size=desc.size, status=status,
+                            bytes_fetched=n))
+        return status, n
+
+
+async def _gather_all(*aws: Any) -> list[Any]:
+    """Like gather, but on the first failure cancel the siblings and wait for them, so
+    no download outlives the image that failed unless another image shares it."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

@@ -1,0 +1,288 @@
+"""The ``puller`` command line: a thin layer over :class:`puller.Puller`.
+
+Exit codes: 0 every image pulled and verified; 1 at least one image failed;
+2 bad usage or input (a bad reference, platform or option); 130 interrupted.
+Output is docker-style lines (with tqdm bars on a terminal), ``-q`` for just the
+pinned references, or ``--json`` for one event per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from typing import Any, Sequence, TextIO
+
+from . import __version__
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other usage error
+        self.exit(EXIT_USAGE, f"puller: {message} (see `{self.prog} --help`)\n")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="puller", description="Fast, verified, resumable container image pulls.")
+    p.add_argument("--version", action="version", version=f"puller {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    pull = sub.add_parser("pull", help="pull images into the store",
+                          description="Pull images into the local store (an OCI image layout).")
+    pull.add_argument("refs", nargs="+", metavar="REF",
+                      help="image reference, docker rules: alpine = docker.io/library/alpine:latest")
+    pull.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                      help="platform to pull from a multi-platform image (default: this host's)")
+    pull.add_argument("--all-platforms", action="store_true",
+                      help="pull every platform of a multi-platform image (never attestations)")
+    pull.add_argument("--store", metavar="DIR",
+                      help="store directory (default: $PULLER_STORE or ~/.cache/puller)")
+    pull.add_argument("-c", "--concurrency", type=int, default=8, metavar="N",
+                      help="blobs downloaded at once, across all images (default: 8)")
+    pull.add_argument("--retries", type=int, default=5, metavar="N",
+                      help="extra attempts per request or blob after a transient failure (default: 5)")
+    pull.add_argument("--stall-timeout", type=float, default=30.0, metavar="SECONDS",
+                      help="a transfer that receives nothing this long is retried (default: 30)")
+    pull.add_argument("--include-foreign", action="store_true",
+                      help="also download non-distributable layers that name external URLs")
+    pull.add_argument("--fail-fast", action="store_true",
+                      help="stop at the first image that fails")
+    out = pull.add_mutually_exclusive_group()
+    out.add_argument("-q", "--quiet", action="store_true",
+                     help="print only the digest-qualified reference of each image")
+    out.add_argument("--json", action="store_true", help="print one JSON event per line")
+    pull.add_argument("--no-progress", action="store_true",
+                      help="plain lines instead of progress bars, even on a terminal")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    if args.command == "pull":
+        return _pull_command(args)
+    return EXIT_USAGE  # pragma: no cover - argparse enforces a command
+
+
+# -- pull --------------------------------------------------------------------------------
+
+def _fail_usage(message: str, as_json: bool) -> int:
+    if as_json:
+        _json_line(sys.stdout, {"event": "error", "error": message, "error_type": "usage"})
+    print(f"puller: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _json_line(stream: TextIO, obj: dict[str, Any]) -> None:
+    stream.write(json.dumps(obj, separators=(",", ":")) + "\n")
+    stream.flush()
+
+
+def _pull_command(args: argparse.Namespace) -> int:
+    from .errors import PullerError
+    from .platform import Platform
+    from .reference import Reference
+
+    refs = []
+    for raw in args.refs:
+        try:
+            refs.append(Reference.parse(raw))
+        except PullerError as exc:
+            return _fail_usage(str(exc), args.json)
+    platform = None
+    if args.platform:
+        try:
+            platform = Platform.parse(args.platform)
+        except PullerError as exc:
+            return _fail_usage(str(exc), args.json)
+    if not 1 <= args.concurrency <= 256:
+        return _fail_usage("--concurrency must be between 1 and 256", args.json)
+    if args.retries < 0 or args.stall_timeout <= 0:
+        return _fail_usage("--retries must be >= 0 and --stall-timeout > 0", args.json)
+
+    if args.json:
+        view: _View = _JsonView()
+    elif args.quiet:
+        view = _QuietView()
+    else:
+        view = _TextView(refs, bars=not args.no_progress and sys.stderr.isatty())
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency, but not on every OS
+        uvloop = None
+
+    import asyncio
+
+    async def run() -> int:
+        from .api import Puller, PullOptions
+        from .client import ClientOptions
+
+        options = PullOptions(platform=platform, all_platforms=args.all_platforms,
+                              concurrency=args.concurrency, include_foreign=args.include_foreign)
+        client_options = ClientOptions(retries=args.retries, stall_timeout=args.stall_timeout,
+                                       max_connections_per_host=max(16, args.concurrency))
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        assert task is not None
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        try:
+            async with Puller(store=args.store, options=options, client_options=client_options,
+                              on_event=view.event) as puller:
+                results = await puller.pull_many(refs, fail_fast=args.fail_fast)
+        except PullerError as exc:  # the store itself could not be opened
+            view.fatal(str(exc))
+            return EXIT_FAILED
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+        failed = False
+        for ref, r in zip(refs, results):
+            if isinstance(r, PullerError):
+                failed = True
+                view.failed(ref, r)
+            else:
+                view.done(ref, r)
+        view.close()
+        return EXIT_FAILED if failed else EXIT_OK
+
+    try:
+        if uvloop is not None:
+            return uvloop.run(run())
+        return asyncio.run(run())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        view.close()
+        print("puller: interrupted; partial downloads are kept and resume on the next pull",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+class _View:
+    def event(self, ev: Any) -> None:
+        pass
+
+    def done(self, ref: Any, result: Any) -> None:
+        pass
+
+    def failed(self, ref: Any, error: Exception) -> None:
+        print(f"puller: {ref}: {error}", file=sys.stderr)
+
+    def fatal(self, message: str) -> None:
+        print(f"puller: {message}", file=sys.stderr)
+
+    def close(self) -> None:
+        pass
+
+
+class _QuietView(_View):
+    def done(self, ref: Any, result: Any) -> None:
+        print(result.pinned, flush=True)
+
+
+class _JsonView(_View):
+    def event(self, ev: Any) -> None:
+        _json_line(sys.stdout, ev.to_json())
+
+    def fatal(self, message: str) -> None:
+        _json_line(sys.stdout, {"event": "error", "error": message, "error_type": "store"})
+        super().fatal(message)
+
+
+class _TextView(_View):
+    """docker pull's output: a header per image, a line per layer, digest and status."""
+
+    def __init__(self, refs: Sequence[Any], *, bars: bool) -> None:
+        self._refs = {str(r): r for r in refs}
+        self._layers: dict[str, set[str]] = {}  # image -> digests that are layers
+        self._bars: dict[tuple[str, str], Any] = {}
+        self._total: Any = None
+        self._tqdm: Any = None
+        if bars:
+            from tqdm import tqdm
+
+            self._tqdm = tqdm
+            self._total = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024,
+                               desc="Total", position=0, leave=False, dynamic_ncols=True,
+                               file=sys.stderr)
+
+    def _line(self, text: str) -> None:
+        if self._tqdm is not None:
+            self._tqdm.write(text, file=sys.stdout)
+        else:
+            print(text, flush=True)
+
+    def event(self, ev: Any) -> None:
+        kind = ev.kind
+        if kind == "pull.started":
+            ref = self._refs.get(ev.ref)
+            ident = ref.tag if ref is not None and ref.tag and not ref.digest else \
+                (str(ref.digest) if ref is not None and ref.digest else "latest")
+            path = ref.familiar().split("@")[0].rsplit(":", 1)[0] if ref is not None else ev.ref
+            if ref is not None and ref.registry == "docker.io" and "/" not in path:
+                path = f"library/{path}"
+            self._line(f"{ident}: Pulling from {path}")
+        elif kind == "blob.queued":
+            if ev.role == "layer":
+                self._layers.setdefault(ev.ref, set()).add(ev.digest)
+        elif kind == "blob.started":
+            if self._is_layer(ev):
+                if self._total is not None:
+                    self._total.total += ev.size - ev.offset
+                    self._total.refresh()
+                    bar = self._tqdm(total=ev.size, initial=ev.offset, unit="B", unit_scale=True,
+                                     unit_divisor=1024, desc=self._short(ev.digest), leave=False,
+                                     dynamic_ncols=True, file=sys.stderr)
+                    self._bars[(ev.ref, ev.digest)] = bar
+                elif ev.offset:
+                    self._line(f"{self._short(ev.digest)}: Resuming at {ev.offset} bytes")
+        elif kind == "blob.progress":
+            bar = self._bars.get((ev.ref, ev.digest))
+            if bar is not None:
+                step = ev.complete - bar.n
+                bar.update(step)
+                self._total.update(step)
+        elif kind == "blob.retry":
+            self._line(f"{self._short(ev.digest)}: Retrying in {ev.delay:.1f}s "
+                       f"(attempt {ev.attempt}): {ev.error}")
+        elif kind == "blob.done":
+            bar = self._bars.pop((ev.ref, ev.digest), None)
+            if bar is not None:
+                bar.close()
+            if self._is_layer(ev):
+                status = "Already exists" if ev.status == "exists" else "Pull complete"
+                self._line(f"{self._short(ev.digest)}: {status}")
+
+    def _is_layer(self, ev: Any) -> bool:
+        return ev.digest in self._layers.get(ev.ref, ())
+
+    @staticmethod
+    def _short(digest: str) -> str:
+        return digest.split(":", 1)[-1][:12]
+
+    def done(self, ref: Any, result: Any) -> None:
+        self._line(f"Digest: {result.digest}")
+        short = ref.familiar()
+        if result.up_to_date:
+            self._line(f"Status: Image is up to date for {short}")
+        else:
+            self._line(f"Status: Downloaded newer image for {short}")
+        self._line(result.reference)
+
+    def failed(self, ref: Any, error: Exception) -> None:
+        for key in [k for k in self._bars if k[0] == str(ref)]:
+            self._bars.pop(key).close()
+        super().failed(ref, error)
+
+    def close(self) -> None:
+        for bar in self._bars.values():
+            bar.close()
+        self._bars.clear()
+        if self._total is not None:
+            self._total.close()
+            self._total = None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

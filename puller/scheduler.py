@@ -1,0 +1,237 @@
+"""The blob scheduler: concurrency, dedupe, retries and resume.
+
+Every blob of every image in a run goes through one :class:`BlobScheduler`:
+
+- a blob already in the store is not fetched;
+- the same digest wanted by several images at once is downloaded once (a map from
+  digest to task; a failed task is forgotten so the next caller tries again);
+- at most ``concurrency`` downloads run at a time;
+- a failed transfer is retried with backoff and resumed with ``Range`` from the bytes
+  already verified on disk; an integrity failure gets one clean re-fetch;
+- bytes are hashed and written in a worker thread, in batches of about a MiB, while
+  the event loop reads the next batch from the socket, so neither stalls the other and
+  memory stays flat whatever the blob size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import Executor
+from typing import Callable
+
+import aiohttp
+
+from .client import ClientOptions, RegistryClient, retry_delay
+from .digest import Digest
+from .errors import IntegrityError, PullerError, SizeMismatch, TransportError
+from .events import BlobProgress, BlobRetry, BlobStarted, Event
+from .manifest import Descriptor
+from .reference import Reference
+from .store import BlobWriter, ContentStore
+
+__all__ = ["BlobScheduler"]
+
+_BATCH = 1 << 20  # bytes handed to the worker thread at once
+_LOCK_POLL = 0.25  # seconds between looks at a digest another process is writing
+
+
+class BlobScheduler:
+    def __init__(self, client: RegistryClient, store: ContentStore, *, concurrency: int,
+                 executor: Executor, emit: Callable[[Event], None],
+                 options: ClientOptions | None = None) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self._client = client
+        self._store = store
+        self._executor = executor
+        self._emit = emit
+        self._options = options or client.options
+        self._slots = asyncio.Semaphore(concurrency)
+        self._inflight: dict[Digest, asyncio.Task[int]] = {}
+        self._watchers: dict[Digest, list[str]] = {}
+
+    async def _run(self, fn: Callable[..., object], *args: object) -> object:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def fetch(self, ref: Reference, desc: Descriptor, *, image: str) -> tuple[str, int]:
+        """Make sure ``desc`` is in the store. Returns ``("exists", 0)`` when it already
+        was, else ``("downloaded", bytes_fetched_by_this_caller)``. ``image`` names the
+        image in events."""
+        digest = desc.digest
+        task = self._inflight.get(digest)
+        if task is None:
+            if self._store.has(digest, desc.size):
+                return "exists", 0
+            task = asyncio.create_task(self._download(ref, desc), name=f"blob {digest}")
+            self._inflight[digest] = task
+            self._watchers[digest] = [image]
+            task.add_done_callback(lambda t, d=digest: self._forget(d, t))
+            owner = True
+        else:
+            self._watchers.setdefault(digest, []).append(image)
+            owner = False
+        # Shielded: one image giving up must not cancel a download others wait for.
+        fetched = await asyncio.shield(task)
+        if fetched < 0:  # someone else (another process) committed it meanwhile
+            return "exists", 0
+        return "downloaded", fetched if owner else 0
+
+    async def aclose(self) -> None:
+        """Cancel downloads nobody waits for any more and wait until they have stopped."""
+        tasks = list(self._inflight.values())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _forget(self, digest: Digest, task: asyncio.Task[int]) -> None:
+        if self._inflight.get(digest) is task:
+            del self._inflight[digest]
+            self._watchers.pop(digest, None)
+        if not task.cancelled():
+            task.exception()  # mark retrieved; waiters get it through the shield
+
+    def _notify(self, digest: Digest, make: Callable[[str], Event]) -> None:
+        for image in self._watchers.get(digest, ()):
+            self._emit(make(image))
+
+    async def _download(self, ref: Reference, desc: Descriptor) -> int:
+        """Returns bytes fetched, or -1 when another process stored the blob first."""
+        async with self._slots:
+            attempt = 0
+            integrity_failures = 0
+            fetched = 0
+            while True:
+                try:
+                    got = await self._download_once(ref, desc)
+                    return got if got < 0 else fetched + got
+                except _Partial as p:
+                    fetched += p.fetched
+                    exc = p.error
+                except IntegrityError as e:
+                    integrity_failures += 1
+                    exc = e
+                    if integrity_failures > 1:  # the clean re-fetch failed too: it's permanent
+                        e.retryable = False
+                        raise
+                except PullerError as e:
+                    exc = e
+                if not exc.retryable or attempt >= self._options.retries:
+                    raise exc
+                delay = retry_delay(self._options, attempt, exc)
+                attempt += 1
+                offset = self._store.partial_size(desc.digest)
+                self._notify(desc.digest, lambda im: BlobRetry(
+                    ref=im, digest=str(desc.digest), attempt=attempt, offset=offset,
+                    error=str(exc), delay=round(delay, 3)))
+                await asyncio.sleep(delay)
+
+    async def _open_writer(self, desc: Descriptor) -> BlobWriter | None:
+        """Take the per-digest ingest lock; None when the blob turned up in the store."""
+        while True:
+            if self._store.has(desc.digest, desc.size):
+                return None
+            writer = await self._run(lambda: self._store.ingest(desc.digest, desc.size, wait=False))
+            if writer is not None:
+                assert isinstance(writer, BlobWriter)
+                return writer
+            await asyncio.sleep(_LOCK_POLL)  # another process is writing this digest
+
+    async def _download_once(self, ref: Reference, desc: Descriptor) -> int:
+        writer = await self._open_writer(desc)
+        if writer is None:
+            return -1
+        try:
+            if self._store.has(desc.digest, desc.size):
+                return -1
+            start_offset = writer.offset
+            if start_offset == desc.size:  # all bytes were already there: just verify
+                await self._run(writer.commit)
+                return 0
+            self._notify(desc.digest, lambda im: BlobStarted(
+                ref=im, digest=str(desc.digest), size=desc.size, offset=start_offset))
+            async with self._client.open_blob(ref, desc.digest, size=desc.size,
+                                              offset=start_offset) as stream:
+                if stream.start != writer.offset:
+                    await self._run(writer.restart)
+                begun = writer.offset
+                try:
+                    await self._pump(ref, stream.content, writer, desc)
+                except (PullerError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                    err = exc if isinstance(exc, PullerError) else \
+                        self._client._map_transport(exc, ref.api_host, f"fetching blob {desc.digest}")
+                    if isinstance(err, SizeMismatch):  # more bytes than announced
+                        await self._run(writer.restart)
+                        raise err from exc
+                    raise _Partial(err, writer.offset - begun) from exc
+            fetched = writer.offset - begun
+            if writer.offset < desc.size:
+                raise _Partial(TransportError(
+                    f"blob {desc.digest} ended after {writer.offset} of {desc.size} bytes"),
+                    fetched)
+            await self._run(writer.commit)
+            return fetched
+        finally:
+            writer.close()
+
+    async def _pump(self, ref: Reference, content: aiohttp.StreamReader, writer: BlobWriter,
+                    desc: Descriptor) -> None:
+        """Read the body and hand it to the writer in batches, one batch in flight."""
+        loop = asyncio.get_running_loop()
+        pending: asyncio.Future[None] | None = None
+        batch: list[bytes] = []
+        batched = 0
+        digest = str(desc.digest)
+
+        def report(_: object) -> None:  # progress = bytes hashed and on disk
+            self._progress(desc.digest, digest, writer.offset, desc.size)
+
+        try:
+            while True:
+                chunk = await content.readany()
+                if not chunk:
+                    break
+                batch.append(chunk)
+                batched += len(chunk)
+                if batched >= _BATCH:
+                    if pending is not None:
+                        # Shielded: cancelling us must not mark a running write as done.
+                        await asyncio.shield(pending)
+                    pending = loop.run_in_executor(self._executor, writer.write_many, batch)
+                    pending.add_done_callback(report)
+                    batch = []
+                    batched = 0
+            if pending is not None:
+                await asyncio.shield(pending)
+            if batch:
+                await loop.run_in_executor(self._executor, writer.write_many, batch)
+                batch = []
+            self._progress(desc.digest, digest, writer.offset, desc.size)
+        finally:
+            # Never let the writer be closed while a worker thread still writes to it.
+            while pending is not None and not pending.done():
+                try:
+                    await asyncio.wait([pending])
+                except asyncio.CancelledError:
+                    pass  # the error or cancellation that brought us here goes on after this
+            healthy = pending is None or (not pending.cancelled() and pending.exception() is None)
+            if batch and healthy:
+                # The connection broke or we were cancelled: keep what did arrive (at most
+                # one batch) so the next attempt resumes after it. It is verified with the
+                # rest at commit.
+                try:
+                    writer.write_many(batch)
+                except PullerError:
+                    pass
+
+    def _progress(self, d: Digest, digest: str, complete: int, total: int) -> None:
+        self._notify(d, lambda im: BlobProgress(ref=im, digest=digest, complete=complete,
+                                                total=total))
+
+
+class _Partial(Exception):
+    """A transfer failed after some bytes were stored; carries the count for reporting."""
+
+    def __init__(self, error: PullerError, fetched: int) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.fetched = fetched

@@ -1,0 +1,421 @@
+"""The content store: an OCI image layout that every pulled image shares.
+
+Layout of the store root::
+
+    oci-layout                 {"imageLayoutVersion": "1.0.0"}
+    index.json                 one entry per pulled image, named by its normalised reference
+    blobs/sha256/<hex>         verified content only; the name is the digest of the bytes
+    ingest/sha256-<hex>/data   unfinished downloads (never counted as present)
+    ingest/sha256-<hex>/lock   held (flock) by whoever is writing that digest
+    index.json.lock            serialises index.json updates between processes
+
+The only way into ``blobs/`` is :class:`BlobWriter` (through :meth:`ContentStore.ingest`
+or :meth:`ContentStore.put`): it checks size and digest, fsyncs, and renames into place,
+so a crash at any moment leaves either no blob or a whole, verified one. Partial data
+stays in ``ingest/`` and is resumed by the next writer of the same digest, which first
+re-hashes what is already there.
+
+Everything here is synchronous and blocking; the scheduler runs the heavy calls in
+worker threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import stat
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from . import mediatypes
+from .digest import Digest
+from .errors import DigestMismatch, SizeMismatch, StoreError
+
+__all__ = ["ContentStore", "BlobWriter", "default_store_path"]
+
+_REHASH_CHUNK = 4 * 1024 * 1024
+
+
+def default_store_path() -> Path:
+    """``$PULLER_STORE``, else ``$XDG_CACHE_HOME/puller``, else ``~/.cache/puller``."""
+    env = os.environ.get("PULLER_STORE")
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME")
+    base = Path(cache).expanduser() if cache else Path.home() / ".cache"
+    return base / "puller"
+
+
+def _store_error(exc: OSError, what: str) -> StoreError:
+    if exc.errno == errno.ENOSPC:
+        return StoreError(f"disk full while {what}")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return StoreError(f"permission denied while {what}: {exc.strerror}")
+    return StoreError(f"I/O error while {what}: {exc.strerror or exc}")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, fsync and rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+class BlobWriter:
+    """Writes one blob into ``ingest/`` and commits it only when size and digest match.
+
+    Holds an exclusive ``flock`` on the ingest entry for its lifetime, so one process at a
+    time writes a digest. Not thread-safe: one caller drives it, possibly from a worker
+    thread. ``offset`` is the number of bytes already written and hashed (resumed data
+    included).
+    """
+
+    def __init__(self, store: ContentStore, digest: Digest, size: int, lock_fd: int,
+                 directory: Path) -> None:
+        self._store = store
+        self.digest = digest
+        self.size = size
+        self._lock_fd = lock_fd
+        self._dir = directory
+        self._data_path = directory / "data"
+        self._hasher = digest.hasher()
+        self._fd = -1
+        self.offset = 0
+        self.committed = False
+        try:
+            self._fd = os.open(self._data_path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._resume()
+        except OSError as exc:
+            self.close()
+            raise _store_error(exc, f"opening partial download of {digest}") from exc
+        except BaseException:
+            self.close()
+            raise
+
+    def _resume(self) -> None:
+        """Re-hash what an earlier attempt left, so the download can continue after it."""
+        have = os.fstat(self._fd).st_size
+        if have > self.size:
+            os.ftruncate(self._fd, 0)
+            have = 0
+        done = 0
+        while done < have:
+            chunk = os.pread(self._fd, min(_REHASH_CHUNK, have - done), done)
+            if not chunk:
+                break
+            self._hasher.update(chunk)
+            done += len(chunk)
+        if done != have:  # file shrank under us; start over rather than guess
+            os.ftruncate(self._fd, 0)
+            self._hasher = self.digest.hasher()
+            done = 0
+        os.lseek(self._fd, done, os.SEEK_SET)
+        self.offset = done
+
+    def restart(self) -> None:
+        """Throw away the partial data (the server ignored our Range and sent it all)."""
+        try:
+            os.ftruncate(self._fd, 0)
+            os.lseek(self._fd, 0, os.SEEK_SET)
+        except OSError as exc:
+            raise _store_error(exc, f"truncating partial download of {self.digest}") from exc
+        self._hasher = self.digest.hasher()
+        self.offset = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Hash and append ``data``; refuses bytes beyond the descriptor's size."""
+        n = len(data)
+        if self.offset + n > self.size:
+            raise SizeMismatch(
+                f"blob {self.digest}: server sent more than the expected {self.size} bytes")
+        self._hasher.update(data)
+        try:
+            view = memoryview(data)
+            while view:
+                w = os.write(self._fd, view)
+                view = view[w:]
+        except OSError as exc:
+            raise _store_error(exc, f"writing blob {self.digest}") from exc
+        self.offset += n
+
+    def write_many(self, chunks: list[bytes]) -> None:
+        """Write a batch of chunks (one worker-thread hop for many network reads)."""
+        for c in chunks:
+            self.write(c)
+
+    def commit(self) -> None:
+        """Verify size and digest, fsync and move the blob into ``blobs/``.
+
+        On a mismatch the partial data is deleted (it can never become right) and
+        :class:`SizeMismatch` or :class:`DigestMismatch` is raised.
+        """
+        if self.offset != self.size:
+            self._discard()
+            raise SizeMismatch(
+                f"blob {self.digest}: got {self.offset} bytes, expected {self.size}")
+        actual = self._hasher.hexdigest()
+        if actual != self.digest.hex:
+            self._discard()
+            raise DigestMismatch(
+                f"blob {self.digest}: content hashes to {self.digest.algorithm}:{actual}")
+        target = self._store.blob_path(self.digest)
+        try:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self._data_path, target)
+            _fsync_dir(target.parent)
+        except OSError as exc:
+            raise _store_error(exc, f"committing blob {self.digest}") from exc
+        self.committed = True
+        self._remove_dir()
+
+    def _discard(self) -> None:
+        try:
+            os.ftruncate(self._fd, 0)
+        except OSError:
+            pass
+        self.offset = 0
+        self._hasher = self.digest.hasher()
+
+    def _remove_dir(self) -> None:
+        for name in ("data", "lock"):
+            try:
+                os.unlink(self._dir / name)
+            except OSError:
+                pass
+        try:
+            os.rmdir(self._dir)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Release the file and the lock; uncommitted data stays for a later resume."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # closing drops the flock
+            self._lock_fd = -1
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ContentStore:
+    """A content-addressed OCI image layout on disk, shared by every pulled image."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser().absolute()
+        self._blobs = self.root / "blobs"
+        self._ingest = self.root / "ingest"
+        self._index = self.root / "index.json"
+
+    # -- setup -------------------------------------------------------------------------
+
+    def init(self) -> ContentStore:
+        """Create the layout if it isn't there yet; refuse a root that is something else."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for d in (self._blobs / "sha256", self._ingest):
+                d.mkdir(parents=True, exist_ok=True)
+            layout = self.root / "oci-layout"
+            if not layout.exists():
+                _write_atomic(layout, json.dumps(
+                    {"imageLayoutVersion": mediatypes.OCI_LAYOUT_VERSION}).encode())
+            if not self._index.exists():
+                with self._index_lock():
+                    if not self._index.exists():
+                        _write_atomic(self._index, self._dump_index([]))
+        except OSError as exc:
+            raise _store_error(exc, f"creating store at {self.root}") from exc
+        return self
+
+    # -- blobs ---------------------------------------------------------------------------
+
+    def blob_path(self, digest: Digest) -> Path:
+        # Digest.parse guarantees algorithm and hex are plain [a-z0-9] names.
+        return self._blobs / digest.algorithm / digest.hex
+
+    def has(self, digest: Digest, size: int | None = None) -> bool:
+        """True when a regular file (never a symlink) of the right size holds the digest."""
+        try:
+            st = os.lstat(self.blob_path(digest))
+        except OSError:
+            return False
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        return size is None or st.st_size == size
+
+    def read(self, digest: Digest, *, max_size: int) -> bytes:
+        """Read a small blob (manifest, config) and re-verify its digest."""
+        path = self.blob_path(digest)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                if os.fstat(fd).st_size > max_size:
+                    raise StoreError(f"blob {digest} in the store is larger than {max_size} bytes")
+                data = b""
+                while chunk := os.read(fd, max_size + 1 - len(data)):
+                    data += chunk
+                    if len(data) > max_size:
+                        raise StoreError(f"blob {digest} grew while being read")
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise _store_error(exc, f"reading blob {digest}") from exc
+        if Digest.from_bytes(data, digest.algorithm) != digest:
+            raise DigestMismatch(f"blob {digest} in the store is corrupt (run `puller fsck`)")
+        return data
+
+    def ingest(self, digest: Digest, size: int, *, wait: bool = True) -> BlobWriter | None:
+        """Open a writer for ``digest``, resuming any partial data.
+
+        Blocks while another process holds the lock on this digest (unless ``wait`` is
+        False, then returns None). Callers should check :meth:`has` again after this
+        returns: the other process may have committed the blob meanwhile.
+        """
+        directory = self._ingest / f"{digest.algorithm}-{digest.hex}"
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            lock_fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise _store_error(exc, f"preparing download of {digest}") from exc
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(lock_fd)
+            return None
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        # The holder before us may have committed and removed the entry while we waited;
+        # our lock is then on an unlinked file and means nothing: start again.
+        try:
+            current = os.lstat(directory / "lock")
+            mine = os.fstat(lock_fd)
+            stale = (current.st_ino, current.st_dev) != (mine.st_ino, mine.st_dev)
+        except FileNotFoundError:
+            stale = True
+        except OSError as exc:
+            os.close(lock_fd)
+            raise _store_error(exc, f"preparing download of {digest}") from exc
+        if stale:
+            os.close(lock_fd)
+            return self.ingest(digest, size, wait=wait)
+        return BlobWriter(self, digest, size, lock_fd, directory)
+
+    def partial_size(self, digest: Digest) -> int:
+        """Bytes of an unfinished download of ``digest`` left in ``ingest/`` (0 if none)."""
+        try:
+            return os.lstat(self._ingest / f"{digest.algorithm}-{digest.hex}" / "data").st_size
+        except OSError:
+            return 0
+
+    def put(self, digest: Digest, data: bytes) -> None:
+        """Store small content (manifests) through the same verified writer."""
+        if self.has(digest, len(data)):
+            return
+        writer = self.ingest(digest, len(data))
+        assert writer is not None
+        with writer:
+            if self.has(digest, len(data)):
+                return
+            writer.restart()
+            writer.write(data)
+            writer.commit()
+
+    # -- index.json ----------------------------------------------------------------------
+
+    @contextmanager
+    def _index_lock(self) -> Iterator[None]:
+        fd = os.open(self.root / "index.json.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _dump_index(manifests: list[dict[str, Any]]) -> bytes:
+        doc = {"schemaVersion": 2, "mediaType": mediatypes.OCI_INDEX, "manifests": manifests}
+        return json.dumps(doc, indent=2).encode() + b"\n"
+
+    def read_index(self) -> list[dict[str, Any]]:
+        """The ``manifests`` entries of ``index.json`` (empty if the store is new)."""
+        try:
+            raw = self._index.read_bytes()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise _store_error(exc, f"reading {self._index}") from exc
+        try:
+            doc = json.loads(raw)
+            entries = doc["manifests"]
+            if not isinstance(entries, list):
+                raise TypeError("manifests is not a list")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreError(f"{self._index} is not a valid OCI index: {exc}") from exc
+        return [e for e in entries if isinstance(e, dict)]
+
+    def update_index(self, change: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]) -> None:
+        """Apply ``change`` to the index entries under the inter-process lock, atomically."""
+        try:
+            with self._index_lock():
+                _write_atomic(self._index, self._dump_index(change(self.read_index())))
+        except OSError as exc:
+            raise _store_error(exc, f"updating {self._index}") from exc
+
+    def set_ref(self, ref_name: str, descriptor: dict[str, Any]) -> None:
+        """Point ``ref_name`` (a normalised reference) at ``descriptor``, replacing any
+        earlier entry with that name."""
+        entry = dict(descriptor)
+        annotations = dict(entry.get("annotations") or {})
+        annotations[mediatypes.ANNOTATION_REF_NAME] = ref_name
+        entry["annotations"] = annotations
+
+        def change(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            kept = [e for e in entries
+                    if (e.get("annotations") or {}).get(mediatypes.ANNOTATION_REF_NAME) != ref_name]
+            return kept + [entry]
+
+        self.update_index(change)
+
+    def lookup(self, ref_name: str) -> dict[str, Any] | None:
+        """The index entry named ``ref_name``, if any."""
+        for e in self.read_index():
+            if (e.get("annotations") or {}).get(mediatypes.ANNOTATION_REF_NAME) == ref_name:
+                return e
+        return None
