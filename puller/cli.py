@@ -77,8 +77,18 @@ def _fail_usage(message: str, as_json: bool) -> int:
 
 
 def _json_line(stream: TextIO, obj: dict[str, Any]) -> None:
-    stream.write(json.dumps(obj, separators=(",", ":")) + "\n")
-    stream.flush()
+    try:
+        stream.write(json.dumps(obj, separators=(",", ":")) + "\n")
+        stream.flush()
+    except BrokenPipeError:
+        _stdout_gone()
+
+
+def _stdout_gone() -> None:
+    """The reader went away (``puller ... | head``): drop further output, keep pulling."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _pull_command(args: argparse.Namespace) -> int:
@@ -178,7 +188,10 @@ class _View:
 
 class _QuietView(_View):
     def done(self, ref: Any, result: Any) -> None:
-        print(result.pinned, flush=True)
+        try:
+            print(result.pinned, flush=True)
+        except BrokenPipeError:
+            _stdout_gone()
 
 
 class _JsonView(_View):
@@ -208,21 +221,21 @@ class _TextView(_View):
                                file=sys.stderr)
 
     def _line(self, text: str) -> None:
-        if self._tqdm is not None:
-            self._tqdm.write(text, file=sys.stdout)
-        else:
-            print(text, flush=True)
+        try:
+            if self._tqdm is not None:
+                self._tqdm.write(text, file=sys.stdout)
+            else:
+                print(text, flush=True)
+        except BrokenPipeError:
+            _stdout_gone()
 
     def event(self, ev: Any) -> None:
         kind = ev.kind
         if kind == "pull.started":
             ref = self._refs.get(ev.ref)
-            ident = ref.tag if ref is not None and ref.tag and not ref.digest else \
-                (str(ref.digest) if ref is not None and ref.digest else "latest")
-            path = ref.familiar().split("@")[0].rsplit(":", 1)[0] if ref is not None else ev.ref
-            if ref is not None and ref.registry == "docker.io" and "/" not in path:
-                path = f"library/{path}"
-            self._line(f"{ident}: Pulling from {path}")
+            if ref is not None:
+                ident = str(ref.digest) if ref.digest and not ref.tag else ref.tag
+                self._line(f"{ident}: Pulling from {ref.repository}")
         elif kind == "blob.queued":
             if ev.role == "layer":
                 self._layers.setdefault(ev.ref, set()).add(ev.digest)

@@ -1,0 +1,195 @@
+"""The command line as users run it, and other tools reading what it writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.images import build_image, build_index, push
+
+pytestmark = pytest.mark.filterwarnings("error")
+
+
+def run(*args: str, store: Path | None = None, env: dict | None = None,
+        timeout: float = 120) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "puller", *args]
+    if store is not None:
+        cmd[3:3] = []  # keep order readable in failures
+        cmd += ["--store", str(store)]
+    e = dict(os.environ)
+    e.pop("PULLER_STORE", None)
+    e.update(env or {})
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e)
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI=true but {tool} is not installed", pytrace=False)
+        pytest.skip(f"{tool} is not installed")
+    return path
+
+
+@pytest.fixture
+def image(registry, unique_repo):
+    base = build_image(seed=31, layer_sizes=[600_000, 20_000])
+    img = build_image(seed=32, layer_sizes=[50_000], base=base)
+    push(registry.url, unique_repo, "1.0", img)
+    return f"{registry.host}/{unique_repo}:1.0", img
+
+
+def short(digest: str) -> str:
+    return digest.split(":")[1][:12]
+
+
+def test_docker_style_output_then_already_exists(image, store_dir, unique_repo):
+    ref, img = image
+    first = run("pull", ref, store=store_dir)
+    assert first.returncode == 0, first.stderr
+    lines = first.stdout.splitlines()
+    assert lines[0] == f"1.0: Pulling from {unique_repo}"
+    for d in img.layer_digests:
+        assert f"{short(d)}: Pull complete" in lines
+    assert short(img.config_digest) + ":" not in first.stdout  # docker lists layers only
+    assert lines[-3:] == [f"Digest: {img.digest}",
+                          f"Status: Downloaded newer image for {ref}", ref]
+    assert "Traceback" not in first.stderr
+
+    second = run("pull", ref, store=store_dir)
+    assert second.returncode == 0, second.stderr
+    for d in img.layer_digests:
+        assert f"{short(d)}: Already exists" in second.stdout
+    assert f"Status: Image is up to date for {ref}" in second.stdout
+
+
+def test_quiet_prints_pinned_reference(image, store_dir, registry, unique_repo):
+    ref, img = image
+    r = run("pull", "-q", ref, store=store_dir)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{registry.host}/{unique_repo}@{img.digest}\n"
+
+
+def test_json_events(image, store_dir):
+    ref, img = image
+    r = run("pull", "--json", ref, store=store_dir)
+    assert r.returncode == 0, r.stderr
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "pull.started" and kinds[-1] == "pull.done"
+    done = events[-1]
+    assert done["digest"] == img.digest and done["blobs_fetched"] == 4
+    assert {e["digest"] for e in events if e["event"] == "blob.done"} == set(img.blobs())
+
+
+@pytest.mark.parametrize("bad, fragment", [
+    ("UPPER/Case:tag", "lowercase"),
+    ("alpine:-bad", "tag"),
+    ("alpine@sha256:1234", "digest"),
+    ("alpine@md5:" + "a" * 32, "digest"),
+    ("", "empty"),
+    ("a" * 300, "more than 255"),
+    ("x//y", "invalid"),
+])
+def test_bad_references_are_one_line_usage_errors(bad, fragment, store_dir):
+    r = run("pull", bad, store=store_dir)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0].lower(), r.stderr
+    assert not store_dir.exists()  # nothing created for bad input
+
+
+def test_failures_exit_nonzero_and_others_complete(image, store_dir, registry, unique_repo):
+    ref, img = image
+    missing = f"{registry.host}/{unique_repo}:missing"
+    unreachable = "127.0.0.1:9/nothing/here:1"
+    r = run("pull", "--retries", "0", missing, ref, unreachable, store=store_dir)
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    assert f"Digest: {img.digest}" in r.stdout  # the good image still completed
+    err = r.stderr.splitlines()
+    assert any("not found" in e and missing in e for e in err), r.stderr
+    assert any("127.0.0.1:9" in e and "connect" in e for e in err), r.stderr
+
+
+def test_bad_platform_and_options(image, store_dir):
+    ref, _ = image
+    for args in (["--platform", "linux"], ["--platform", "a/b/c/d"], ["-c", "0"]):
+        r = run("pull", *args, ref, store=store_dir)
+        if args == ["--platform", "linux"]:
+            continue  # "linux" alone means linux on this host's architecture
+        assert r.returncode == 2, (args, r.stderr)
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_store_from_environment(image, tmp_path):
+    ref, img = image
+    store = tmp_path / "env-store"
+    r = run("pull", "-q", ref, env={"PULLER_STORE": str(store)})
+    assert r.returncode == 0, r.stderr
+    assert (store / "blobs" / "sha256" / img.digest.split(":")[1]).is_file()
+
+
+def test_unwritable_store_is_a_clear_error(image, tmp_path):
+    ref, _ = image
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    r = run("pull", ref, "--store", str(blocker / "store"))
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    assert "store" in r.stderr.lower()
+
+
+def test_skopeo_reads_the_store_and_agrees_on_digests(registry, unique_repo, store_dir):
+    skopeo = need("skopeo")
+    amd = build_image(seed=33, layer_sizes=[40_000], platform=("linux", "amd64", None))
+    arm = build_image(seed=34, layer_sizes=[40_000], platform=("linux", "arm64", "v8"))
+    idx = build_index([amd, arm])
+    push(registry.url, unique_repo, "multi", idx)
+    single = build_image(seed=35, layer_sizes=[30_000, 10_000], fmt="oci")
+    push(registry.url, unique_repo, "single", single)
+
+    for tag in ("multi", "single"):
+        ref = f"{registry.host}/{unique_repo}:{tag}"
+        pulled = run("pull", "-q", "--platform", "linux/amd64", ref, store=store_dir)
+        assert pulled.returncode == 0, pulled.stderr
+        pinned_digest = pulled.stdout.strip().rsplit("@", 1)[1]
+        remote = subprocess.run([skopeo, "inspect", "--tls-verify=false", "--raw",
+                                 f"docker://{ref}"], capture_output=True, check=True)
+        local = subprocess.run([skopeo, "inspect", "--raw", f"oci:{store_dir}:{ref}"],
+                               capture_output=True, check=True)
+        assert local.stdout == remote.stdout  # byte-identical manifest in the store
+        remote_info = json.loads(subprocess.run(
+            [skopeo, "inspect", "--tls-verify=false", "--override-arch", "amd64",
+             f"docker://{ref}"], capture_output=True, check=True, text=True).stdout)
+        local_info = json.loads(subprocess.run(
+            [skopeo, "inspect", "--override-arch", "amd64", f"oci:{store_dir}:{ref}"],
+            capture_output=True, check=True, text=True).stdout)
+        assert local_info["Layers"] == remote_info["Layers"]
+        if tag == "single":
+            assert pinned_digest == remote_info["Digest"] == single.digest
+    # skopeo can copy the image out of the store: every blob it needs is there and valid.
+    out = store_dir.parent / "copied"
+    subprocess.run([skopeo, "copy", f"oci:{store_dir}:{registry.host}/{unique_repo}:single",
+                    f"oci:{out}:x"], capture_output=True, check=True)
+
+
+def test_umoci_unpacks_an_image_from_the_store(registry, unique_repo, store_dir, tmp_path):
+    umoci = need("umoci")
+    img = build_image(seed=36, layer_sizes=[20_000, 5_000])
+    push(registry.url, unique_repo, "u", img)
+    ref = f"{registry.host}/{unique_repo}:u"
+    assert run("pull", "-q", ref, store=store_dir).returncode == 0
+    bundle = tmp_path / "bundle"
+    u = subprocess.run([umoci, "unpack", "--rootless", "--image", f"{store_dir}:{ref}",
+                        str(bundle)], capture_output=True, text=True)
+    assert u.returncode == 0, u.stderr
+    files = sorted(p.name for p in (bundle / "rootfs").iterdir())
+    assert files, "umoci unpacked an empty rootfs"
