@@ -31,7 +31,7 @@ from .store import BlobWriter, ContentStore
 
 __all__ = ["BlobScheduler"]
 
-_BATCH = 1 << 20  # bytes handed to the worker thread at once
+_BATCH = 512 * 1024  # bytes handed to the worker thread at once
 _LOCK_POLL = 0.25  # seconds between looks at a digest another process is writing
 
 
