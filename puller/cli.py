@@ -208,6 +208,7 @@ class _TextView(_View):
 
     def __init__(self, refs: Sequence[Any], *, bars: bool) -> None:
         self._refs = {str(r): r for r in refs}
+        self._held: dict[str, list[str]] = {str(r): [] for r in refs} if len(refs) > 1 else {}
         self._layers: dict[str, set[str]] = {}  # image -> digests that are layers
         self._bars: dict[tuple[str, str], Any] = {}
         self._total: Any = None
@@ -219,6 +220,19 @@ class _TextView(_View):
             self._total = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024,
                                desc="Total", position=0, leave=False, dynamic_ncols=True,
                                file=sys.stderr)
+
+    def _say(self, image: str, text: str) -> None:
+        """A line about one image. With several images at once, each image's lines are
+        held back and printed together when it finishes, so they don't interleave."""
+        held = self._held.get(image)
+        if held is None:
+            self._line(text)
+        else:
+            held.append(text)
+
+    def _flush(self, image: str) -> None:
+        for text in self._held.pop(image, None) or ():
+            self._line(text)
 
     def _line(self, text: str) -> None:
         try:
@@ -235,21 +249,23 @@ class _TextView(_View):
             ref = self._refs.get(ev.ref)
             if ref is not None:
                 ident = str(ref.digest) if ref.digest and not ref.tag else ref.tag
-                self._line(f"{ident}: Pulling from {ref.repository}")
+                self._say(ev.ref, f"{ident}: Pulling from {ref.repository}")
         elif kind == "blob.queued":
             if ev.role == "layer":
                 self._layers.setdefault(ev.ref, set()).add(ev.digest)
+                if self._total is not None:  # the total counts every layer, present or not
+                    self._total.total += ev.size
+                    self._total.refresh()
         elif kind == "blob.started":
             if self._is_layer(ev):
                 if self._total is not None:
-                    self._total.total += ev.size - ev.offset
-                    self._total.refresh()
+                    self._total.update(ev.offset)
                     bar = self._tqdm(total=ev.size, initial=ev.offset, unit="B", unit_scale=True,
                                      unit_divisor=1024, desc=self._short(ev.digest), leave=False,
                                      dynamic_ncols=True, file=sys.stderr)
                     self._bars[(ev.ref, ev.digest)] = bar
                 elif ev.offset:
-                    self._line(f"{self._short(ev.digest)}: Resuming at {ev.offset} bytes")
+                    self._say(ev.ref, f"{self._short(ev.digest)}: Resuming at {ev.offset} bytes")
         elif kind == "blob.progress":
             bar = self._bars.get((ev.ref, ev.digest))
             if bar is not None:
@@ -257,15 +273,22 @@ class _TextView(_View):
                 bar.update(step)
                 self._total.update(step)
         elif kind == "blob.retry":
-            self._line(f"{self._short(ev.digest)}: Retrying in {ev.delay:.1f}s "
+            self._say(ev.ref, f"{self._short(ev.digest)}: Retrying in {ev.delay:.1f}s "
                        f"(attempt {ev.attempt}): {ev.error}")
+        elif kind == "pull.done":
+            self._finished(ev)
+        elif kind == "pull.failed":
+            self._flush(ev.ref)
         elif kind == "blob.done":
             bar = self._bars.pop((ev.ref, ev.digest), None)
             if bar is not None:
+                self._total.update(ev.size - bar.n)  # another image's download finished it
                 bar.close()
+            elif self._total is not None and self._is_layer(ev):
+                self._total.update(ev.size)
             if self._is_layer(ev):
                 status = "Already exists" if ev.status == "exists" else "Pull complete"
-                self._line(f"{self._short(ev.digest)}: {status}")
+                self._say(ev.ref, f"{self._short(ev.digest)}: {status}")
 
     def _is_layer(self, ev: Any) -> bool:
         return ev.digest in self._layers.get(ev.ref, ())
@@ -274,18 +297,21 @@ class _TextView(_View):
     def _short(digest: str) -> str:
         return digest.split(":", 1)[-1][:12]
 
-    def done(self, ref: Any, result: Any) -> None:
-        self._line(f"Digest: {result.digest}")
-        short = ref.familiar()
-        if result.up_to_date:
+    def _finished(self, ev: Any) -> None:
+        self._flush(ev.ref)
+        ref = self._refs.get(ev.ref)
+        short = ref.familiar() if ref is not None else ev.ref
+        self._line(f"Digest: {ev.digest}")
+        if ev.up_to_date:
             self._line(f"Status: Image is up to date for {short}")
         else:
             self._line(f"Status: Downloaded newer image for {short}")
-        self._line(result.reference)
+        self._line(ev.ref)
 
     def failed(self, ref: Any, error: Exception) -> None:
         for key in [k for k in self._bars if k[0] == str(ref)]:
             self._bars.pop(key).close()
+        self._flush(str(ref))
         super().failed(ref, error)
 
     def close(self) -> None:
