@@ -1,0 +1,89 @@
+"""Several puller processes on one store, and interrupting a pull from outside."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from tests.support.images import build_image, push
+from tests.test_pull import assert_store_valid, index_entries
+
+
+def start(*args: str) -> subprocess.Popen:
+    env = dict(os.environ)
+    env.pop("PULLER_STORE", None)
+    return subprocess.Popen([sys.executable, "-m", "puller", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_two_processes_share_one_store(registry, proxy, unique_repo, store_dir):
+    base = build_image(seed=41, layer_sizes=[4_000_000, 3_000_000])
+    a = build_image(seed=42, layer_sizes=[500_000], base=base)
+    b = build_image(seed=43, layer_sizes=[600_000], base=base)
+    push(registry.url, unique_repo, "a", a)
+    push(registry.url, unique_repo, "b", b)
+    # Slow the shared layers down so both processes want them at the same time.
+    for layer in base.layers:
+        proxy.delay(0.5, "/blobs/sha256:" + hashlib.sha256(layer).hexdigest(), times=1)
+    ra, rb = f"{proxy.host}/{unique_repo}:a", f"{proxy.host}/{unique_repo}:b"
+    procs = [start("pull", "-q", "--store", str(store_dir), r) for r in (ra, rb)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    assert set(index_entries(store_dir)) == {ra, rb}
+    assert_store_valid(store_dir)
+    fetched = Counter(q["path"].rsplit("/", 1)[1] for q in proxy.blob_requests()
+                      if q["status"] == 200)
+    for layer in base.layers:
+        d = "sha256:" + hashlib.sha256(layer).hexdigest()
+        assert fetched[d] == 1, f"shared layer {d} downloaded {fetched[d]} times"
+    assert not [p for p in (store_dir / "ingest").iterdir() if p.name.startswith("sha256-")]
+
+
+def test_sigint_and_sigterm_keep_partial_downloads_for_the_next_run(registry, proxy,
+                                                                    unique_repo, store_dir):
+    img = build_image(seed=44, layer_sizes=[6_000_000])
+    push(registry.url, unique_repo, "s", img)
+    layer = "sha256:" + hashlib.sha256(img.layers[0]).hexdigest()
+    ref = f"{proxy.host}/{unique_repo}:s"
+    partial = store_dir / "ingest" / f"sha256-{layer.split(':')[1]}" / "data"
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        proxy.clear_rules()
+        already = partial.stat().st_size if partial.exists() else 0
+        proxy.stall_blob(after_bytes=2_000_000, seconds=30, times=1, digest=layer)
+        p = start("pull", "--json", "--store", str(store_dir), ref)
+        assert p.stdout is not None
+        deadline = time.monotonic() + 30
+        for line in p.stdout:  # wait until some of the layer is on disk
+            ev = json.loads(line)
+            if ev["event"] == "blob.progress" and ev["digest"] == layer and \
+                    ev["complete"] >= already + 1_000_000:
+                break
+            assert time.monotonic() < deadline, "no progress seen"
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=30)
+        assert p.returncode == 130, (sig, err)
+        assert "Traceback" not in err
+        assert "interrupted" in err
+        assert_store_valid(store_dir)
+        assert index_entries(store_dir) == {}
+        assert partial.stat().st_size > already  # kept, and grew
+
+    proxy.clear_rules()
+    proxy.clear_log()
+    done = start("pull", "-q", "--store", str(store_dir), ref)
+    out, err = done.communicate(timeout=60)
+    assert done.returncode == 0, err
+    (req,) = proxy.blob_requests(layer)
+    assert req["range"] and int(req["range"][6:-1]) >= 2_000_000
+    assert (store_dir / "blobs" / "sha256" / layer.split(":")[1]).read_bytes() == img.layers[0]
+    assert_store_valid(store_dir)
+    assert Path(store_dir / "index.json").exists()
