@@ -28,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,62 +90,38 @@ def _kill_group(pid: int) -> None:
 
 
 def measure(cmds: list[list[str]], log_dir: Path, timeout: float = RUN_TIMEOUT) -> Measured:
-    """Run ``cmds`` one after the other; wall time of the sequence, summed rusage, max RSS.
+    """Run ``cmds`` one after the other through benchmarks/launch.py; wall time of the
+    sequence, summed rusage, max peak RSS (see launch.py for why a launcher).
 
-    Each command is its own session (process group), reaped with ``os.wait4`` so that its
-    rusage (which includes its reaped descendants) is exactly that command's. A watchdog kills
-    the group when the run's ``timeout`` is over; Ctrl-C kills it too and re-raises."""
+    The launcher and everything below it are one session (process group): on timeout, on
+    Ctrl-C and after every run the whole group is killed, so nothing outlives its run."""
     log_dir.mkdir(parents=True, exist_ok=True)
     out_path, err_path = log_dir / "stdout", log_dir / "stderr"
-    user = sys_ = 0.0
-    maxrss = 0
-    rcs: list[int] = []
+    res_path, cmds_path = log_dir / "result.json", log_dir / "cmds.json"
+    cmds_path.write_text(json.dumps(cmds))
+    res_path.unlink(missing_ok=True)
     timed_out = False
-    t0 = time.perf_counter()
     with open(out_path, "wb") as fo, open(err_path, "wb") as fe:
-        for argv in cmds:
-            left = timeout - (time.perf_counter() - t0)
-            if left <= 0:
-                timed_out = True
-                rcs.append(-1)
-                break
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe,
-                                    start_new_session=True, cwd=str(ROOT))
-            fired = threading.Event()
-
-            def watchdog(pid: int = proc.pid) -> None:
-                fired.set()
-                _kill_group(pid)
-
-            timer = threading.Timer(left, watchdog)
-            timer.daemon = True
-            timer.start()
-            try:
-                _, status, ru = os.wait4(proc.pid, 0)
-            except BaseException:
-                timer.cancel()
-                _kill_group(proc.pid)
-                try:
-                    os.wait4(proc.pid, 0)
-                except ChildProcessError:
-                    pass
-                proc.returncode = -9
-                raise
-            timer.cancel()
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            # the group may still hold stray grandchildren: never leave them running
+        proc = subprocess.Popen([PY, "-I", "-S", str(BENCH / "launch.py"), str(res_path),
+                                 str(cmds_path)], stdin=subprocess.DEVNULL, stdout=fo,
+                                stderr=fe, start_new_session=True, cwd=str(ROOT))
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        except BaseException:
             _kill_group(proc.pid)
-            rcs.append(proc.returncode)
-            user += ru.ru_utime
-            sys_ += ru.ru_stime
-            maxrss = max(maxrss, ru.ru_maxrss)
-            if fired.is_set():
-                timed_out = True
-                break
-            if proc.returncode != 0:
-                break
-    wall = time.perf_counter() - t0
-    return Measured(wall, user, sys_, maxrss, rcs,
+            proc.wait()
+            raise
+        finally:
+            _kill_group(proc.pid)  # stray grandchildren, or the timed-out run
+            proc.wait()
+    try:
+        r = json.loads(res_path.read_text())
+    except (OSError, ValueError):
+        r = {"wall": timeout if timed_out else 0.0, "user": 0.0, "sys": 0.0, "maxrss_kib": 0,
+             "rcs": [-1]}
+    return Measured(r["wall"], r["user"], r["sys"], r["maxrss_kib"], r["rcs"],
                     out_path.read_text(errors="replace"), err_path.read_text(errors="replace"),
                     timed_out)
 
@@ -630,6 +605,9 @@ class Bench:
             self.registry.start()
             self.log(f"registry {self.registry.url} (storage {self.registry.root})")
             self.meta = self.collect_meta()
+            m = measure([["true"]], self.run_dir / "logs" / "rss-floor")
+            self.meta["rss_floor_mib"] = round(m.maxrss_kib / 1024, 1)
+            self.meta["spawn_overhead_s"] = round(m.wall, 4)
             for name in names:
                 self.run_scenario(name)
                 if name == "huge":  # 1 GiB in the registry: give the disk back now
@@ -677,6 +655,9 @@ def render_md(meta: dict, config: dict, summ: dict) -> str:
                      ("puller_python", "python/aiohttp (puller)"), ("skopeo", "skopeo"),
                      ("registry", "registry"), ("puller_commit", "puller commit")):
         L.append(f"- {label}: {meta.get(k, '?')}")
+    if "rss_floor_mib" in meta:
+        L.append(f"- measurement floor: `true` run through the launcher takes "
+                 f"{meta['spawn_overhead_s'] * 1000:.1f} ms wall, {meta['rss_floor_mib']} MB peak RSS")
     la0, la1 = meta.get("loadavg_start"), meta.get("loadavg_end")
     if la0 and la1:
         L.append(f"- load average at start / end: {la0[0]:.2f} / {la1[0]:.2f}")

@@ -20,6 +20,7 @@ import sys
 import time
 
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
+from multidict import CIMultiDict
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
               "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length"}
@@ -72,7 +73,9 @@ def make_app(upstream: str, latency: float, rate: float, burst: float) -> web.Ap
     async def handle(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(latency)
         bucket = bucket_for(request)
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        # a list, not a dict: clients repeat headers (skopeo sends one Accept line per type)
+        headers = CIMultiDict((k, v) for k, v in request.headers.items()
+                              if k.lower() not in HOP_BY_HOP)
         body = await request.read() if request.can_read_body else None
         async with state["session"].request(request.method, upstream + request.path_qs,
                                             headers=headers, data=body,

@@ -16,9 +16,8 @@ from __future__ import annotations
 import asyncio
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterable
 
 from . import mediatypes
 from .client import ClientOptions, FetchedManifest, RegistryClient
@@ -216,7 +215,7 @@ class Puller:
         if isinstance(parsed, ImageIndex):
             chosen = self._choose(ref, parsed, want, all_platforms)
             fetched = await asyncio.gather(*(self._manifest(ref, d.digest, d) for d in chosen))
-            for d, f in zip(chosen, fetched):
+            for d, f in zip(chosen, fetched, strict=True):
                 child = parse_manifest(f.data, f.media_type or d.media_type)
                 if not isinstance(child, ImageManifest):
                     raise UnsupportedManifest(
@@ -268,7 +267,8 @@ class Puller:
 
         up_to_date = (fetched_count == 0 and previous is not None
                       and previous.get("digest") == str(top.digest))
-        result = PullResult(reference=name, name=ref.name, digest=str(top.digest), media_type=top_type,
+        result = PullResult(reference=name, name=ref.name, digest=str(top.digest),
+                            media_type=top_type,
                             images=tuple(images), blobs_fetched=fetched_count,
                             blobs_reused=reused, bytes_fetched=bytes_fetched,
                             up_to_date=up_to_date)

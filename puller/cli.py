@@ -34,7 +34,7 @@ def _build_parser() -> argparse.ArgumentParser:
     pull = sub.add_parser("pull", help="pull images into the store",
                           description="Pull images into the local store (an OCI image layout).")
     pull.add_argument("refs", nargs="+", metavar="REF",
-                      help="image reference, docker rules: alpine = docker.io/library/alpine:latest")
+                      help="reference (docker rules: alpine = docker.io/library/alpine:latest)")
     pull.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
                       help="platform to pull from a multi-platform image (default: this host's)")
     pull.add_argument("--all-platforms", action="store_true",
@@ -44,7 +44,7 @@ def _build_parser() -> argparse.ArgumentParser:
     pull.add_argument("-c", "--concurrency", type=int, default=8, metavar="N",
                       help="blobs downloaded at once, across all images (default: 8)")
     pull.add_argument("--retries", type=int, default=5, metavar="N",
-                      help="extra attempts per request or blob after a transient failure (default: 5)")
+                      help="extra attempts after a transient failure (default: 5)")
     pull.add_argument("--stall-timeout", type=float, default=30.0, metavar="SECONDS",
                       help="a transfer that receives nothing this long is retried (default: 30)")
     pull.add_argument("--include-foreign", action="store_true",
@@ -149,7 +149,7 @@ def _pull_command(args: argparse.Namespace) -> int:
         finally:
             loop.remove_signal_handler(signal.SIGTERM)
         failed = False
-        for ref, r in zip(refs, results):
+        for ref, r in zip(refs, results, strict=True):
             if isinstance(r, PullerError):
                 failed = True
                 view.failed(ref, r)

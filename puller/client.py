@@ -32,7 +32,6 @@ from .errors import (
     AuthenticationRequired,
     DigestMismatch,
     InvalidDigest,
-    ManifestError,
     ManifestTooLarge,
     NotFound,
     PullerError,
@@ -130,6 +129,12 @@ def _parse_retry_after(value: str | None) -> float | None:
     return max(0.0, (when - _dt.datetime.now(_dt.timezone.utc)).total_seconds())
 
 
+def _permanent(err: PullerError) -> PullerError:
+    """A registry that serves wrong manifest bytes won't serve right ones a second later."""
+    err.retryable = False
+    return err
+
+
 def _same_origin(a: str, b: str) -> bool:
     sa, sb = urlsplit(a), urlsplit(b)
     return (sa.scheme, sa.hostname, sa.port) == (sb.scheme, sb.hostname, sb.port)
@@ -189,7 +194,7 @@ class RegistryClient:
                 attempt += 1
                 await asyncio.sleep(delay)
 
-    def _map_transport(self, exc: BaseException, host: str, what: str) -> PullerError:
+    def map_transport(self, exc: BaseException, host: str, what: str) -> PullerError:
         if isinstance(exc, aiohttp.ClientConnectorCertificateError):
             err = TransportError(f"TLS certificate of {host} could not be verified while {what}")
             err.retryable = False
@@ -286,7 +291,7 @@ class RegistryClient:
             except PullerError:
                 raise
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                raise self._map_transport(exc, realm_host, what) from exc
+                raise self.map_transport(exc, realm_host, what) from exc
             try:
                 return parse_token_response(body)
             except ValueError as exc:
@@ -338,7 +343,7 @@ class RegistryClient:
             except PullerError:
                 raise
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
-                raise self._map_transport(exc, host, what) from exc
+                raise self.map_transport(exc, host, what) from exc
             assert resp is not None
             if resp.status == 401 and auth_round == 0:
                 challenges = parse_challenges(resp.headers.get("WWW-Authenticate", ""))
@@ -397,7 +402,7 @@ class RegistryClient:
                             break
                         data += more
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                    raise self._map_transport(exc, ref.api_host, what) from exc
+                    raise self.map_transport(exc, ref.api_host, what) from exc
                 if len(data) > MAX_MANIFEST_SIZE:
                     raise ManifestTooLarge(f"manifest of {ref} is over the "
                                            f"{MAX_MANIFEST_SIZE}-byte limit")
@@ -408,7 +413,8 @@ class RegistryClient:
             media_type = ctype.split(";", 1)[0].strip() if ctype else None
             digest = Digest.from_bytes(data, wanted.algorithm if wanted else "sha256")
             if wanted is not None and digest != wanted:
-                raise DigestMismatch(f"manifest of {ref.name}@{wanted} hashes to {digest}")
+                raise _permanent(DigestMismatch(
+                    f"manifest of {ref.name}@{wanted} hashes to {digest}"))
             if header_digest:
                 try:
                     claimed = Digest.parse(header_digest.strip())
@@ -418,17 +424,14 @@ class RegistryClient:
                     actual = digest if claimed.algorithm == digest.algorithm else \
                         Digest.from_bytes(data, claimed.algorithm)
                     if actual != claimed:
-                        raise DigestMismatch(
+                        raise _permanent(DigestMismatch(
                             f"manifest of {ref} hashes to {actual} but the registry says "
-                            f"{claimed}")
+                            f"{claimed}"))
             if digest.algorithm != "sha256" and wanted is None:
                 digest = Digest(algorithm="sha256", hex=hashlib.sha256(data).hexdigest())
             return FetchedManifest(data=data, media_type=media_type, digest=digest)
 
-        try:
-            return await self._with_retries(what, attempt)
-        except ManifestError:
-            raise
+        return await self._with_retries(what, attempt)
 
     # -- blobs ---------------------------------------------------------------------------
 

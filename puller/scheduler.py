@@ -119,10 +119,10 @@ class BlobScheduler:
                     raise exc
                 delay = retry_delay(self._options, attempt, exc)
                 attempt += 1
-                offset = self._store.partial_size(desc.digest)
-                self._notify(desc.digest, lambda im: BlobRetry(
-                    ref=im, digest=str(desc.digest), attempt=attempt, offset=offset,
-                    error=str(exc), delay=round(delay, 3)))
+                retry = {"digest": str(desc.digest), "attempt": attempt, "error": str(exc),
+                         "offset": self._store.partial_size(desc.digest),
+                         "delay": round(delay, 3)}
+                self._notify(desc.digest, lambda im, kw=retry: BlobRetry(ref=im, **kw))
                 await asyncio.sleep(delay)
 
     async def _open_writer(self, desc: Descriptor) -> BlobWriter | None:
@@ -157,8 +157,8 @@ class BlobScheduler:
                 try:
                     await self._pump(ref, stream.content, writer, desc)
                 except (PullerError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                    err = exc if isinstance(exc, PullerError) else \
-                        self._client._map_transport(exc, ref.api_host, f"fetching blob {desc.digest}")
+                    err = exc if isinstance(exc, PullerError) else self._client.map_transport(
+                        exc, ref.api_host, f"fetching blob {desc.digest}")
                     if isinstance(err, SizeMismatch):  # more bytes than announced
                         await self._run(writer.restart)
                         raise err from exc
