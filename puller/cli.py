@@ -57,6 +57,10 @@ def _build_parser() -> argparse.ArgumentParser:
     out.add_argument("--json", action="store_true", help="print one JSON event per line")
     pull.add_argument("--no-progress", action="store_true",
                       help="plain lines instead of progress bars, even on a terminal")
+
+    from . import maintenance
+
+    maintenance.add_parsers(sub)
     return p
 
 
@@ -64,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "pull":
         return _pull_command(args)
+    handler = getattr(args, "handler", None)
+    if handler is not None:  # commands that register themselves (see maintenance.py)
+        return int(handler(args))
     return EXIT_USAGE  # pragma: no cover - argparse enforces a command
 
 
