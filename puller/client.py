@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import json
+import os
 import random
+import socket
+import ssl
 import re
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -23,9 +27,11 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import aiohttp
+import aiohttp.abc
 
 from . import __version__
 from .auth import Challenge, Token, parse_challenges, parse_token_response, pull_scope
+from .credentials import Credentials, DockerConfig
 from .digest import Digest
 from .errors import (
     AccessDenied,
@@ -43,12 +49,14 @@ from .errors import (
 from .manifest import MAX_MANIFEST_SIZE
 from .mediatypes import ACCEPT
 from .reference import Reference
+from .tls import is_loopback_host, make_ssl_context
 
 __all__ = ["ClientOptions", "RegistryClient", "FetchedManifest", "BlobStream", "retry_delay"]
 
 T = TypeVar("T")
 
 _MAX_REDIRECTS = 5
+_HUB_API = "registry-1.docker.io"
 _ERROR_BODY_LIMIT = 64 * 1024
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
 
@@ -69,6 +77,11 @@ class ClientOptions:
     # memory per concurrent blob.
     read_buffer: int = 128 * 1024
     user_agent: str = f"puller/{__version__}"
+    ca_cert: str | None = None  # extra CA bundle trusted for every registry
+    # Hosts (host[:port]) reached over HTTPS without verification, or plain HTTP.
+    insecure_registries: tuple[str, ...] = ()
+    # (name, address) pairs resolved without DNS, like docker's --add-host.
+    add_hosts: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("max_connections", "max_connections_per_host", "read_buffer"):
@@ -79,6 +92,12 @@ class ClientOptions:
                 raise ValueError(f"{name} must be positive")
         if self.retries < 0 or self.backoff_base < 0:
             raise ValueError("retries and backoff_base must not be negative")
+        for name, address in self.add_hosts:
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise ValueError(f"add_hosts: {address!r} for {name!r} is not an IP address") \
+                    from None
 
 
 def retry_delay(options: ClientOptions, attempt: int, error: BaseException | None = None) -> float:
@@ -140,15 +159,53 @@ def _same_origin(a: str, b: str) -> bool:
     return (sa.scheme, sa.hostname, sa.port) == (sb.scheme, sb.hostname, sb.port)
 
 
-class RegistryClient:
-    """Talks to registries. Use as ``async with RegistryClient() as client: ...``."""
+class _Hosts(aiohttp.abc.AbstractResolver):
+    """Resolves the names given in ``add_hosts`` without DNS; others as usual."""
 
-    def __init__(self, options: ClientOptions | None = None) -> None:
+    def __init__(self, table: dict[str, str]) -> None:
+        self._table = table
+        self._default = aiohttp.ThreadedResolver()
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: int = socket.AF_INET) -> list[dict[str, Any]]:
+        address = self._table.get(host)
+        if address is None:
+            return await self._default.resolve(host, port, family)
+        fam = socket.AF_INET6 if ":" in address else socket.AF_INET
+        return [{"hostname": host, "host": address, "port": port, "family": fam,
+                 "proto": 0, "flags": socket.AI_NUMERICHOST}]
+
+    async def close(self) -> None:
+        await self._default.close()
+
+
+_DEFAULT_CREDENTIALS: Any = object()
+
+
+class RegistryClient:
+    """Talks to registries. Use as ``async with RegistryClient() as client: ...``.
+
+    ``credentials`` is where logins come from: by default docker's ``config.json`` and
+    credential helpers (:class:`puller.credentials.DockerConfig`); ``None`` for none.
+    It is asked only when a registry challenges, once per registry.
+    """
+
+    def __init__(self, options: ClientOptions | None = None, *,
+                 credentials: Any = _DEFAULT_CREDENTIALS) -> None:
         self.options = options or ClientOptions()
+        self._credentials = DockerConfig() if credentials is _DEFAULT_CREDENTIALS else credentials
+        self._creds_cache: dict[str, Credentials | None] = {}
         self._session: aiohttp.ClientSession | None = None
         self._tokens: dict[tuple[str, str], Token] = {}
         self._token_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._challenges: dict[str, Challenge] = {}  # host -> last challenge it sent
+        self._basic: dict[str, str] = {}  # host -> Basic header, once it asked for one
+        self._sent_credentials: set[str] = set()  # hosts (or their realms) given a login
+        self._ssl: dict[str, ssl.SSLContext] = {}
+        self._schemes: dict[str, str] = {}  # host -> scheme that worked
+        self._insecure = {h.strip() for h in self.options.insecure_registries if h.strip()}
+        env = os.environ.get("PULLER_INSECURE_REGISTRIES", "")
+        self._insecure.update(h.strip() for h in env.split(",") if h.strip())
 
     async def __aenter__(self) -> RegistryClient:
         o = self.options
@@ -157,6 +214,7 @@ class RegistryClient:
             limit_per_host=o.max_connections_per_host,
             ttl_dns_cache=300,
             enable_cleanup_closed=False,
+            resolver=_Hosts(dict(o.add_hosts)) if o.add_hosts else None,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -177,10 +235,28 @@ class RegistryClient:
 
     # -- plumbing ------------------------------------------------------------------------
 
-    @staticmethod
-    def base_url(ref: Reference) -> str:
-        scheme = "http" if ref.is_loopback else "https"
-        return f"{scheme}://{ref.api_host}"
+    def _relaxed(self, host: str) -> bool:
+        """Loopback and insecure registries: HTTPS without verification, else HTTP."""
+        return host in self._insecure or is_loopback_host(host)
+
+    def _scheme(self, host: str) -> str:
+        return self._schemes.get(host, "https")
+
+    def _ssl_for(self, host: str) -> ssl.SSLContext:
+        ctx = self._ssl.get(host)
+        if ctx is None:
+            ctx = make_ssl_context(host, ca_cert=self.options.ca_cert,
+                                   verify=not self._relaxed(host))
+            self._ssl[host] = ctx
+        return ctx
+
+    async def _creds(self, registry: str) -> Credentials | None:
+        if self._credentials is None:
+            return None
+        if registry not in self._creds_cache:
+            self._creds_cache[registry] = await asyncio.to_thread(self._credentials.get,
+                                                                  registry)
+        return self._creds_cache[registry]
 
     async def _with_retries(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
         attempt = 0
@@ -196,7 +272,16 @@ class RegistryClient:
 
     def map_transport(self, exc: BaseException, host: str, what: str) -> PullerError:
         if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-            err = TransportError(f"TLS certificate of {host} could not be verified while {what}")
+            reason = getattr(exc.certificate_error, "verify_message", None) or "not trusted"
+            err = TransportError(
+                f"TLS certificate of {host} could not be verified ({reason}) while {what}; "
+                f"trust its CA with --ca-cert FILE or /etc/docker/certs.d/{host}/ca.crt, "
+                f"or allow it with --insecure-registry {host}")
+            err.retryable = False
+            return err
+        if isinstance(exc, aiohttp.ClientSSLError):
+            err = TransportError(f"TLS handshake with {host} failed while {what}: "
+                                 f"{getattr(exc, 'strerror', None) or type(exc).__name__}")
             err.retryable = False
             return err
         if isinstance(exc, aiohttp.ClientConnectorError):
@@ -233,9 +318,13 @@ class RegistryClient:
         reason = f": {detail[:200]}" if detail else ""
         kw: dict[str, Any] = {"status": status, "host": host, "code": code}
         if status == 401:
+            login = "puller login" if host == _HUB_API else f"puller login {host}"
+            if host in self._sent_credentials:
+                return AuthenticationRequired(
+                    f"authentication failed for {host} while {what}: the saved credentials "
+                    f"were refused (run `{login}` again)", **kw)
             return AuthenticationRequired(
-                f"authentication required for {host} while {what}: "
-                f"run `puller login {host}`", **kw)
+                f"authentication required for {host} while {what}: run `{login}`", **kw)
         if status == 403:
             return AccessDenied(f"access denied by {host} while {what}{reason}", **kw)
         if status == 404:
@@ -253,8 +342,8 @@ class RegistryClient:
 
     # -- auth ----------------------------------------------------------------------------
 
-    async def _token(self, host: str, challenge: Challenge, scope: str) -> str:
-        key = (host, scope)
+    async def _token(self, ref: Reference, challenge: Challenge, scope: str) -> str:
+        key = (ref.api_host, scope)
         token = self._tokens.get(key)
         if token is not None and token.fresh():
             return token.value
@@ -263,29 +352,56 @@ class RegistryClient:
         async with lock:
             token = self._tokens.get(key)
             if token is None or not token.fresh():
-                token = await self._fetch_token(host, challenge, scope)
+                token = await self._fetch_token(ref, challenge, scope)
                 self._tokens[key] = token
             return token.value
 
-    async def _fetch_token(self, host: str, challenge: Challenge, scope: str) -> Token:
+    async def _fetch_token(self, ref: Reference, challenge: Challenge, scope: str) -> Token:
+        """Ask the challenge's realm for a token: anonymously, with the saved user and
+        password (Basic, to the realm only), or by OAuth refresh with an identity token."""
+        host = ref.api_host
         realm = challenge.realm
-        if not realm or urlsplit(realm).scheme not in ("http", "https"):
+        parts = urlsplit(realm or "")
+        if not realm or parts.scheme not in ("http", "https") or not parts.hostname:
             raise AuthenticationRequired(f"{host} sent a Bearer challenge without a usable realm",
                                          host=host)
-        params = {}
-        if challenge.params.get("service"):
-            params["service"] = challenge.params["service"]
-        params["scope"] = scope
-        url = f"{realm}{'&' if '?' in realm else '?'}{urlencode(params)}"
-        assert self._session is not None
-        what = f"getting a token for {scope}"
-        realm_host = urlsplit(realm).netloc
+        if parts.scheme == "http" and not self._relaxed(host):
+            raise AuthenticationRequired(f"{host} asks for credentials to be sent to a plain "
+                                         f"HTTP token service ({parts.netloc}); refusing",
+                                         host=host)
+        service = challenge.params.get("service", "")
+        creds = await self._creds(ref.registry)
+        realm_host = parts.netloc
+        what = f"getting a token for {scope or 'login'}"
+        ssl_ctx = self._ssl_for(realm_host) if parts.scheme == "https" else False
 
         async def attempt() -> Token:
             assert self._session is not None
+            headers: dict[str, str] = {}
             try:
-                async with self._session.get(url, allow_redirects=True) as resp:
+                if creds is not None and creds.identity_token:
+                    form = {"grant_type": "refresh_token", "refresh_token": creds.identity_token,
+                            "client_id": "puller", "service": service, "scope": scope}
+                    req = self._session.post(realm, data={k: v for k, v in form.items() if v},
+                                             ssl=ssl_ctx, allow_redirects=False)
+                else:
+                    params = {k: v for k, v in (("service", service), ("scope", scope)) if v}
+                    url = f"{realm}{'&' if '?' in realm else '?'}{urlencode(params)}"
+                    if creds is not None and creds.username:
+                        headers["Authorization"] = creds.basic()
+                        self._sent_credentials.add(host)
+                    req = self._session.get(url, headers=headers, ssl=ssl_ctx,
+                                            allow_redirects=False)
+                async with req as resp:
                     if resp.status != 200:
+                        if resp.status in (401, 403) and creds is not None:
+                            self._sent_credentials.add(host)
+                            login = "puller login" if host == _HUB_API else \
+                                f"puller login {ref.registry}"
+                            raise AuthenticationRequired(
+                                f"authentication failed for {ref.registry}: the token service "
+                                f"{realm_host} refused the saved credentials (run `{login}`)",
+                                status=resp.status, host=host)
                         raise await self._error_for(resp, realm_host, what)
                     body = await resp.content.read(_ERROR_BODY_LIMIT * 4)
             except PullerError:
@@ -299,17 +415,46 @@ class RegistryClient:
 
         return await self._with_retries(what, attempt)
 
-    async def _auth_header(self, host: str, scope: str) -> dict[str, str]:
+    async def _auth_header(self, ref: Reference, scope: str) -> dict[str, str]:
+        host = ref.api_host
+        basic = self._basic.get(host)
+        if basic is not None:
+            return {"Authorization": basic}
         challenge = self._challenges.get(host)
         if challenge is None or challenge.scheme != "bearer":
             return {}
-        return {"Authorization": f"Bearer {await self._token(host, challenge, scope)}"}
+        return {"Authorization": f"Bearer {await self._token(ref, challenge, scope)}"}
+
+    async def _answer_challenge(self, ref: Reference, resp: aiohttp.ClientResponse,
+                                sent: dict[str, str], scope: str) -> bool:
+        """After a 401: learn what the registry wants. True when a retry can succeed."""
+        host = ref.api_host
+        challenges = parse_challenges(resp.headers.get("WWW-Authenticate", ""))
+        bearer = next((c for c in challenges if c.scheme == "bearer"), None)
+        if bearer is not None:
+            self._challenges[host] = bearer
+            # The token we sent was refused (expired, revoked): drop it, unless a
+            # concurrent request has already replaced it, and ask again.
+            cached = self._tokens.get((host, scope))
+            if cached is not None and sent.get("Authorization") == f"Bearer {cached.value}":
+                del self._tokens[(host, scope)]
+            return True
+        if any(c.scheme == "basic" for c in challenges):
+            if "Authorization" in sent:
+                return False  # our Basic credentials were refused
+            creds = await self._creds(ref.registry)
+            if creds is None or not creds.username:
+                return False
+            self._basic[host] = creds.basic()
+            self._sent_credentials.add(host)
+            return True
+        return False
 
     @asynccontextmanager
     async def _request(self, method: str, ref: Reference, path: str, *, what: str,
                        headers: dict[str, str] | None = None,
                        scope: str | None = None) -> AsyncIterator[aiohttp.ClientResponse]:
-        """One request to the registry with auth and redirects handled.
+        """One request to the registry with auth, TLS and redirects handled.
 
         Yields the final response (any status); the caller maps error statuses. The
         Authorization header goes to the registry host only, never to a redirect target
@@ -317,20 +462,24 @@ class RegistryClient:
         """
         assert self._session is not None, "RegistryClient used outside `async with`"
         host = ref.api_host
-        scope = scope or pull_scope(ref.repository)
-        url = self.base_url(ref) + path
-        origin = url
+        scope = pull_scope(ref.repository) if scope is None else scope
         base_headers = dict(headers or {})
-        for auth_round in range(2):
-            auth = await self._auth_header(host, scope)
-            target = url
+        auth_round = 0
+        while True:
+            scheme = self._scheme(host)
+            origin = f"{scheme}://{host}{path}"
+            auth = await self._auth_header(ref, scope)
+            target = origin
             resp: aiohttp.ClientResponse | None = None
             try:
                 for _ in range(_MAX_REDIRECTS + 1):
                     h = dict(base_headers)
                     if _same_origin(target, origin):
                         h.update(auth)
-                    resp = await self._session.request(method, target, headers=h,
+                    target_host = urlsplit(target).netloc
+                    ssl_ctx = self._ssl_for(target_host) if target.startswith("https:") \
+                        else False
+                    resp = await self._session.request(method, target, headers=h, ssl=ssl_ctx,
                                                        allow_redirects=False)
                     if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
                         target = urljoin(target, resp.headers["Location"])
@@ -343,26 +492,36 @@ class RegistryClient:
             except PullerError:
                 raise
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+                if (scheme == "https" and self._schemes.get(host) != "https"
+                        and self._relaxed(host)
+                        and isinstance(exc, (aiohttp.ClientSSLError, aiohttp.ClientOSError,
+                                             aiohttp.ServerDisconnectedError))):
+                    # A loopback or insecure registry that doesn't speak TLS: plain HTTP,
+                    # as docker does, from now on.
+                    self._schemes[host] = "http"
+                    continue
                 raise self.map_transport(exc, host, what) from exc
             assert resp is not None
+            self._schemes.setdefault(host, scheme)
             if resp.status == 401 and auth_round == 0:
-                challenges = parse_challenges(resp.headers.get("WWW-Authenticate", ""))
-                bearer = next((c for c in challenges if c.scheme == "bearer"), None)
-                if bearer is not None:
+                auth_round = 1
+                if await self._answer_challenge(ref, resp, auth, scope):
                     resp.release()
-                    self._challenges[host] = bearer
-                    # The token we sent was refused (expired, revoked): drop it, unless a
-                    # concurrent request has already replaced it, and ask again.
-                    sent = auth.get("Authorization", "")
-                    cached = self._tokens.get((host, scope))
-                    if cached is not None and sent == f"Bearer {cached.value}":
-                        del self._tokens[(host, scope)]
                     continue
             try:
                 yield resp
             finally:
                 resp.release()
             return
+
+    async def check_login(self, ref: Reference) -> None:
+        """``GET /v2/`` with whatever the registry asks for; raises unless it is accepted."""
+        async def attempt() -> None:
+            async with self._request("GET", ref, "/v2/", what="logging in", scope="") as resp:
+                if resp.status != 200:
+                    raise await self._error_for(resp, ref.api_host, "logging in")
+
+        await self._with_retries("logging in", attempt)
 
     # -- manifests -----------------------------------------------------------------------
 
