@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from . import mediatypes
-from .client import ClientOptions, FetchedManifest, RegistryClient
+from .client import DEFAULT_CREDENTIALS, ClientOptions, FetchedManifest, RegistryClient
 from .digest import Digest
 from .errors import ManifestError, PullerError, SizeMismatch, UnsupportedManifest
 from .events import BlobDone, BlobQueued, Event, Listener, ManifestResolved, PullDone, \
@@ -32,6 +32,8 @@ from .scheduler import BlobScheduler
 from .store import ContentStore, default_store_path
 
 __all__ = ["Puller", "PullOptions", "PullResult", "ImageResult"]
+
+_GC_POLL = 0.1  # seconds between looks at a store that a gc holds
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,7 +88,11 @@ class Puller:
     def __init__(self, *, store: str | os.PathLike[str] | ContentStore | None = None,
                  options: PullOptions | None = None,
                  client_options: ClientOptions | None = None,
-                 on_event: Listener | None = None) -> None:
+                 on_event: Listener | None = None,
+                 credentials: Any = DEFAULT_CREDENTIALS) -> None:
+        """``credentials``: where registry logins come from; by default docker's
+        ``config.json`` and credential helpers, ``None`` for anonymous access only, or
+        any object with ``get(registry) -> Credentials | None``."""
         if isinstance(store, ContentStore):
             self.store = store
         else:
@@ -94,6 +100,7 @@ class Puller:
         self.options = options or PullOptions()
         self._client_options = client_options or ClientOptions()
         self._listener = on_event
+        self._credentials = credentials
         self._client: RegistryClient | None = None
         self._scheduler: BlobScheduler | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -104,7 +111,8 @@ class Puller:
             max_workers=min(32, self.options.concurrency + 2), thread_name_prefix="puller-io")
         try:
             await loop.run_in_executor(self._executor, self.store.init)
-            self._client = await RegistryClient(self._client_options).__aenter__()
+            self._client = await RegistryClient(self._client_options,
+                                                credentials=self._credentials).__aenter__()
         except BaseException:
             self._executor.shutdown(wait=True)
             raise
@@ -170,12 +178,25 @@ class Puller:
         name = str(ref)
         self._emit(PullStarted(ref=name))
         try:
-            return await self._pull(ref, name, platform or self.options.platform,
-                                    self.options.all_platforms if all_platforms is None
-                                    else all_platforms)
+            pin = await self._pin()
+            try:
+                return await self._pull(ref, name, platform or self.options.platform,
+                                        self.options.all_platforms if all_platforms is None
+                                        else all_platforms)
+            finally:
+                os.close(pin)
         except PullerError as exc:
             self._emit(PullFailed(ref=name, error=str(exc), error_type=type(exc).__name__))
             raise
+
+    async def _pin(self) -> int:
+        """Mark this pull as in progress so ``puller gc`` leaves its blobs alone until it
+        has named them in index.json (see ContentStore.pin); waits while a gc runs."""
+        while True:
+            pin = self.store.pin()  # a few non-blocking syscalls: no thread needed
+            if pin is not None:
+                return pin
+            await asyncio.sleep(_GC_POLL)
 
     async def _manifest(self, ref: Reference, digest: Digest | None = None,
                         expect: Descriptor | None = None) -> FetchedManifest:
@@ -195,6 +216,9 @@ class Puller:
     def _choose(self, ref: Reference, index: ImageIndex, want: Platform | None,
                 all_platforms: bool) -> list[Descriptor]:
         images = [d for d in index.images() if d.media_type in mediatypes.IMAGE_MANIFESTS]
+        if not images and any(d.media_type in mediatypes.SCHEMA1 for d in index.manifests):
+            raise UnsupportedManifest(f"index of {ref} lists only Docker schema1 manifests, "
+                                      "which are deprecated and not supported")
         if all_platforms:
             if not images:
                 raise ManifestError(f"index of {ref} lists no images")

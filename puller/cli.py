@@ -43,6 +43,7 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="store directory (default: $PULLER_STORE or ~/.cache/puller)")
     pull.add_argument("-c", "--concurrency", type=int, default=8, metavar="N",
                       help="blobs downloaded at once, across all images (default: 8)")
+    _add_network_options(pull)
     pull.add_argument("--retries", type=int, default=5, metavar="N",
                       help="extra attempts after a transient failure (default: 5)")
     pull.add_argument("--stall-timeout", type=float, default=30.0, metavar="SECONDS",
@@ -58,16 +59,64 @@ def _build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--no-progress", action="store_true",
                       help="plain lines instead of progress bars, even on a terminal")
 
+    login = sub.add_parser("login", help="log in to a registry",
+                           description="Verify credentials against a registry and save them "
+                           "where docker keeps them ($DOCKER_CONFIG/config.json or a "
+                           "credential helper).")
+    login.add_argument("registry", nargs="?", metavar="REGISTRY",
+                       help="registry host[:port] (default: Docker Hub)")
+    login.add_argument("-u", "--username", metavar="USER")
+    secret = login.add_mutually_exclusive_group()
+    secret.add_argument("-p", "--password", metavar="PASS",
+                        help="password or token (prefer --password-stdin)")
+    secret.add_argument("--password-stdin", action="store_true",
+                        help="read the password or token from standard input")
+    _add_network_options(login)
+
+    logout = sub.add_parser("logout", help="remove saved credentials for a registry")
+    logout.add_argument("registry", nargs="?", metavar="REGISTRY",
+                        help="registry host[:port] (default: Docker Hub)")
+
     from . import maintenance
 
     maintenance.add_parsers(sub)
     return p
 
 
+def _add_network_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ca-cert", metavar="FILE",
+                   help="also trust this CA bundle (PEM) for registry TLS certificates")
+    p.add_argument("--insecure-registry", action="append", default=[], metavar="HOST",
+                   help="allow plain HTTP or an unverified certificate for HOST[:PORT] "
+                   "(repeatable; also $PULLER_INSECURE_REGISTRIES, comma-separated)")
+    p.add_argument("--add-host", action="append", default=[], metavar="HOST:IP",
+                   help="resolve HOST to IP without DNS (repeatable)")
+
+
+def _network_options(args: argparse.Namespace, **kw: Any) -> Any:
+    """ClientOptions from the shared network flags; ValueError names a bad one."""
+    from .client import ClientOptions
+
+    hosts = []
+    for item in args.add_host:
+        name, sep, address = item.partition(":")
+        if not sep or not name or not address:
+            raise ValueError(f"--add-host wants HOST:IP, not {item!r}")
+        hosts.append((name, address.strip("[]")))
+    if args.ca_cert and not os.path.isfile(args.ca_cert):
+        raise ValueError(f"--ca-cert: no such file: {args.ca_cert}")
+    return ClientOptions(ca_cert=args.ca_cert, insecure_registries=tuple(args.insecure_registry),
+                         add_hosts=tuple(hosts), **kw)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "pull":
         return _pull_command(args)
+    if args.command == "login":
+        return _login_command(args)
+    if args.command == "logout":
+        return _logout_command(args)
     handler = getattr(args, "handler", None)
     if handler is not None:  # commands that register themselves (see maintenance.py)
         return int(handler(args))
@@ -119,6 +168,12 @@ def _pull_command(args: argparse.Namespace) -> int:
         return _fail_usage("--concurrency must be between 1 and 256", args.json)
     if args.retries < 0 or args.stall_timeout <= 0:
         return _fail_usage("--retries must be >= 0 and --stall-timeout > 0", args.json)
+    try:
+        client_options = _network_options(
+            args, retries=args.retries, stall_timeout=args.stall_timeout,
+            max_connections_per_host=max(16, args.concurrency))
+    except ValueError as exc:
+        return _fail_usage(str(exc), args.json)
 
     if args.json:
         view: _View = _JsonView()
@@ -136,12 +191,9 @@ def _pull_command(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         from .api import Puller, PullOptions
-        from .client import ClientOptions
 
         options = PullOptions(platform=platform, all_platforms=args.all_platforms,
                               concurrency=args.concurrency, include_foreign=args.include_foreign)
-        client_options = ClientOptions(retries=args.retries, stall_timeout=args.stall_timeout,
-                                       max_connections_per_host=max(16, args.concurrency))
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         assert task is not None
@@ -174,6 +226,117 @@ def _pull_command(args: argparse.Namespace) -> int:
         print("puller: interrupted; partial downloads are kept and resume on the next pull",
               file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+# -- login / logout -----------------------------------------------------------------------
+
+_PLAINTEXT_WARNING = """WARNING! Your password will be stored unencrypted in {path}.
+Configure a credential helper to remove this warning. See
+https://docs.docker.com/engine/reference/commandline/login/#credentials-store"""
+
+
+def _registry_arg(raw: str | None) -> str:
+    """``REGISTRY`` as docker takes it: a host[:port], maybe written as a URL."""
+    from .credentials import hostname_of
+    from .reference import Reference
+
+    if not raw:
+        return "docker.io"
+    host = hostname_of(raw.strip())
+    if host in ("index.docker.io", "registry-1.docker.io"):
+        return "docker.io"
+    # Reuse the reference grammar to validate the host part.
+    ref = Reference.parse(f"{host}/puller-login-check")
+    if ref.registry != host:
+        raise ValueError(f"invalid registry {raw!r}: expected HOST[:PORT]")
+    return host
+
+
+def _login_command(args: argparse.Namespace) -> int:
+    import getpass
+
+    from .credentials import Credentials, CredentialError, DockerConfig
+    from .errors import PullerError
+
+    try:
+        registry = _registry_arg(args.registry)
+        client_options = _network_options(args, retries=2)
+    except (ValueError, PullerError) as exc:
+        print(f"puller: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    username = args.username
+    interactive = sys.stdin.isatty()
+    if not username:
+        if not interactive or args.password_stdin:
+            print("puller: login needs --username when not run interactively", file=sys.stderr)
+            return EXIT_USAGE
+        username = input("Username: ").strip()
+    if args.password_stdin:
+        password = sys.stdin.read().rstrip("\r\n")
+    elif args.password is not None:
+        print("WARNING! Using --password via the CLI is insecure. Use --password-stdin.",
+              file=sys.stderr)
+        password = args.password
+    elif interactive:
+        password = getpass.getpass("Password: ")
+    else:
+        print("puller: login needs --password-stdin when not run interactively",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if not username or not password:
+        print("puller: username and password must not be empty", file=sys.stderr)
+        return EXIT_USAGE
+    creds = Credentials(username=username, password=password)
+
+    import asyncio
+
+    async def verify() -> None:
+        from .client import RegistryClient
+        from .reference import Reference
+
+        class _Given:
+            def get(self, registry: str) -> Credentials:
+                return creds
+
+        async with RegistryClient(client_options, credentials=_Given()) as client:
+            await client.check_login(Reference.parse(f"{registry}/puller-login-check"))
+
+    try:
+        asyncio.run(verify())
+    except PullerError as exc:
+        print(f"puller: login to {registry} failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    config = DockerConfig()
+    try:
+        where = config.store(registry, creds)
+    except CredentialError as exc:
+        print(f"puller: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if where == str(config.path):
+        print(_PLAINTEXT_WARNING.format(path=config.path), file=sys.stderr)
+    print("Login Succeeded")
+    return EXIT_OK
+
+
+def _logout_command(args: argparse.Namespace) -> int:
+    from .credentials import CredentialError, DockerConfig, config_key
+    from .errors import PullerError
+
+    try:
+        registry = _registry_arg(args.registry)
+    except (ValueError, PullerError) as exc:
+        print(f"puller: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    key = config_key(registry)
+    try:
+        removed = DockerConfig().erase(registry)
+    except CredentialError as exc:
+        print(f"puller: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"Removing login credentials for {key}" if removed else f"Not logged in to {key}")
+    return EXIT_OK
 
 
 class _View:

@@ -179,7 +179,8 @@ class _Hosts(aiohttp.abc.AbstractResolver):
         await self._default.close()
 
 
-_DEFAULT_CREDENTIALS: Any = object()
+# Marker for "docker's config.json and credential helpers" (the default everywhere).
+DEFAULT_CREDENTIALS: Any = object()
 
 
 class RegistryClient:
@@ -191,9 +192,9 @@ class RegistryClient:
     """
 
     def __init__(self, options: ClientOptions | None = None, *,
-                 credentials: Any = _DEFAULT_CREDENTIALS) -> None:
+                 credentials: Any = DEFAULT_CREDENTIALS) -> None:
         self.options = options or ClientOptions()
-        self._credentials = DockerConfig() if credentials is _DEFAULT_CREDENTIALS else credentials
+        self._credentials = DockerConfig() if credentials is DEFAULT_CREDENTIALS else credentials
         self._creds_cache: dict[str, Credentials | None] = {}
         self._session: aiohttp.ClientSession | None = None
         self._tokens: dict[tuple[str, str], Token] = {}

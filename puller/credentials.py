@@ -66,7 +66,7 @@ def config_key(registry: str) -> str:
     return DOCKER_HUB_KEY if registry in _HUB_ALIASES else registry
 
 
-def _hostname(key: str) -> str:
+def hostname_of(key: str) -> str:
     """docker's ConvertToHostname: ``https://host:5000/v2/`` → ``host:5000``."""
     k = key
     for prefix in ("http://", "https://"):
@@ -77,7 +77,7 @@ def _hostname(key: str) -> str:
 
 
 def _same_registry(key: str, registry: str) -> bool:
-    host = _hostname(key)
+    host = hostname_of(key)
     if registry in _HUB_ALIASES:
         return host in _HUB_ALIASES
     return host == registry

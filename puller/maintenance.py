@@ -1,19 +1,722 @@
-"""Store maintenance commands: checking and cleaning the store.
+"""Store maintenance: ``puller fsck`` checks (and repairs) the store, ``puller gc`` cleans it.
 
-``add_parsers(sub)`` registers the subcommands on the command line's parser; each sets
-``handler`` to a function taking the parsed arguments and returning an exit code.
+Library use::
+
+    from puller.maintenance import fsck, gc
+    report = fsck("./cache", repair=True)      # FsckReport; report.ok is True when clean
+    freed = gc("./cache")                      # GcReport: what was removed, bytes freed
+
+What fsck checks
+----------------
+* Every file under ``blobs/`` is re-hashed (streamed, a few threads) and must be a regular
+  file (never a symlink) whose name is a valid digest of its bytes.
+* Every ``index.json`` entry must be *complete*: its manifest is present and intact and
+  parses; for an image manifest, its config and every layer are present and intact
+  (foreign layers that name ``urls`` may be absent: puller skips them unless asked);
+  for an index, **at least one** image entry (attestations don't count) is present and
+  complete, recursively. Only the chosen platforms of an index are pulled, so children
+  that were never pulled are normal and not a problem.
+* ``ingest/`` holds partial downloads. They are reported but are not problems: the next
+  pull of that blob resumes them, and ``puller gc`` removes the ones nobody is writing.
+
+``--repair`` removes corrupt, misnamed and symlinked blobs and then every entry that is
+not complete, while no pull runs (see :meth:`ContentStore.exclusive`).
+
+What gc removes
+---------------
+Blobs no index entry reaches (entry -> manifest -> config and layers; index -> every
+child it lists), partial downloads nobody holds the lock of, and temporary files a crash
+left next to ``index.json``. It holds the store exclusively while it works: running pulls
+are waited for (``--wait``), and pulls that start meanwhile wait for gc, so a blob that a
+pull has stored or found present is always named in ``index.json`` before gc can look.
+
+``add_parsers(sub)`` registers both subcommands on the command line; importing this
+module stays cheap (no aiohttp).
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import errno
+import fcntl
+import json
+import os
+import stat
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from . import mediatypes
+from .digest import ALGORITHMS, Digest
+from .errors import PullerError, StoreError
+from .store import ContentStore, default_store_path
+
+__all__ = ["FsckReport", "GcReport", "Problem", "Partial", "fsck", "gc", "add_parsers"]
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+_READ_CHUNK = 1 << 20
+_MAX_DEPTH = 8  # nested indexes followed at most this deep
+_DEFAULT_WAIT = 60.0
+
+
+# -- reports -----------------------------------------------------------------------------
+
+
+@dataclass
+class Problem:
+    """One thing wrong with the store.
+
+    ``kind``: ``corrupt`` (bytes don't hash to the name), ``misnamed`` (not a digest),
+    ``symlink``, ``not-regular``, ``unexpected`` (something else under blobs/),
+    ``dangling`` (an index entry that isn't complete), ``invalid-index`` (index.json
+    unreadable), ``unreadable`` (a blob that could not be read).
+    """
+
+    kind: str
+    path: str  # relative to the store root
+    detail: str
+    digest: str | None = None
+    ref: str | None = None
+    repaired: bool = False
+
+    def line(self) -> str:
+        what = {
+            "corrupt": f"corrupt blob {self.digest}",
+            "misnamed": f"misnamed file {self.path}",
+            "symlink": f"symlink {self.path}",
+            "not-regular": f"not a regular file: {self.path}",
+            "unexpected": f"unexpected entry {self.path}",
+            "dangling": f"dangling index entry {self.ref or '(unnamed)'} ({self.digest})",
+            "invalid-index": f"invalid {self.path}",
+            "unreadable": f"unreadable blob {self.path}",
+        }.get(self.kind, f"{self.kind} {self.path}")
+        return f"{what}: {self.detail}{' (repaired)' if self.repaired else ''}"
+
+
+@dataclass
+class Partial:
+    """A partial download in ``ingest/``."""
+
+    path: str
+    digest: str | None
+    size: int
+    active: bool  # some process holds its lock right now
+
+
+@dataclass
+class FsckReport:
+    store: str
+    blobs: int = 0
+    bytes: int = 0
+    entries: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    partials: list[Partial] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """No problem is left (partial downloads are not problems)."""
+        return all(p.repaired for p in self.problems)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["ok"] = self.ok
+        return out
+
+
+@dataclass
+class GcReport:
+    store: str
+    dry_run: bool
+    kept: int = 0  # blobs reachable from index.json
+    blobs_removed: list[str] = field(default_factory=list)  # paths relative to the root
+    blob_bytes: int = 0
+    ingest_removed: list[str] = field(default_factory=list)
+    ingest_bytes: int = 0
+    ingest_busy: int = 0  # partial downloads left because someone holds their lock
+    other_removed: list[str] = field(default_factory=list)  # temporary files
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def bytes_freed(self) -> int:
+        return self.blob_bytes + self.ingest_bytes
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["bytes_freed"] = self.bytes_freed
+        return out
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _open_store(store: str | os.PathLike[str] | ContentStore) -> ContentStore:
+    s = store if isinstance(store, ContentStore) else ContentStore(store)
+    try:
+        st = os.lstat(s.root)
+    except FileNotFoundError:
+        raise StoreError(f"no store at {s.root}") from None
+    except OSError as exc:
+        raise StoreError(f"cannot read {s.root}: {exc.strerror}") from exc
+    if not stat.S_ISDIR(st.st_mode) or not (s.root / "oci-layout").is_file():
+        raise StoreError(f"{s.root} is not a puller store (no oci-layout)")
+    return s
+
+
+def _rel(s: ContentStore, path: Path) -> str:
+    return str(path.relative_to(s.root))
+
+
+def _scandir(path: Path) -> Iterator[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as it:
+            yield from sorted(it, key=lambda e: e.name)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StoreError(f"cannot list {path}: {exc.strerror}") from exc
+
+
+def _hash_file(path: Path, algorithm: str) -> tuple[str | None, int, str | None]:
+    """(hex digest, size, error) of a regular file, read without following symlinks."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        return None, 0, exc.strerror or str(exc)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None, 0, "not a regular file"
+        h = Digest.from_bytes(b"", algorithm).hasher()
+        size = 0
+        while chunk := os.read(fd, _READ_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+        return h.hexdigest(), size, None
+    except OSError as exc:
+        return None, 0, exc.strerror or str(exc)
+    finally:
+        os.close(fd)
+
+
+def _unlink(path: Path) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+
+
+def _ref_name(entry: dict[str, Any]) -> str | None:
+    ann = entry.get("annotations")
+    if isinstance(ann, dict):
+        name = ann.get(mediatypes.ANNOTATION_REF_NAME)
+        return name if isinstance(name, str) else None
+    return None
+
+
+def _parse_descriptor_digest(value: object) -> Digest | None:
+    try:
+        return Digest.parse(value)  # type: ignore[arg-type]
+    except PullerError:
+        return None
+
+
+def _lock_state(lock: Path) -> bool:
+    """True when some process holds the flock on ``lock`` right now."""
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # also drops our lock if we got it
+
+
+def _ingest_digest(name: str) -> Digest | None:
+    alg, sep, hexpart = name.partition("-")
+    if not sep:
+        return None
+    try:
+        return Digest(alg, hexpart)
+    except PullerError:
+        return None
+
+
+# -- fsck ----------------------------------------------------------------------------------
+
+
+def _scan_blobs(s: ContentStore, report: FsckReport, threads: int) -> dict[Digest, int]:
+    """Re-hash every blob; returns the intact ones (digest -> size) and records problems."""
+    blobs_dir = s.root / "blobs"
+    good: dict[Digest, int] = {}
+    to_hash: list[tuple[Digest, Path]] = []
+    try:
+        _check_real_dir(blobs_dir)
+    except StoreError as exc:
+        report.problems.append(Problem("unexpected", "blobs", str(exc)))
+        return good
+    for top in _scandir(blobs_dir):
+        path = Path(top.path)
+        if top.is_symlink():
+            report.problems.append(Problem("symlink", _rel(s, path),
+                                           "the store never follows symlinks"))
+            continue
+        if not top.is_dir(follow_symlinks=False) or top.name not in ALGORITHMS:
+            report.problems.append(Problem("unexpected", _rel(s, path),
+                                           "not a digest algorithm directory"))
+            continue
+        for e in _scandir(path):
+            p = Path(e.path)
+            if e.is_symlink():
+                report.problems.append(Problem("symlink", _rel(s, p),
+                                               "the store never follows symlinks"))
+                continue
+            try:
+                digest = Digest(top.name, e.name)
+            except PullerError:
+                digest = None
+            if not e.is_file(follow_symlinks=False):
+                report.problems.append(Problem("not-regular", _rel(s, p),
+                                               "blobs must be regular files",
+                                               digest=str(digest) if digest else None))
+                continue
+            if digest is None:
+                report.problems.append(Problem("misnamed", _rel(s, p),
+                                               f"not a valid {top.name} digest"))
+                continue
+            to_hash.append((digest, p))
+
+    def work(item: tuple[Digest, Path]) -> tuple[Digest, Path, str | None, int, str | None]:
+        d, p = item
+        return (d, p, *_hash_file(p, d.algorithm))
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="puller-fsck") as pool:
+        for d, p, actual, size, error in pool.map(work, to_hash):
+            if error is not None:
+                report.problems.append(Problem("unreadable", _rel(s, p), error, digest=str(d)))
+                continue
+            report.blobs += 1
+            report.bytes += size
+            if actual != d.hex:
+                report.problems.append(Problem("corrupt", _rel(s, p),
+                                               f"content hashes to {d.algorithm}:{actual}",
+                                               digest=str(d)))
+            else:
+                good[d] = size
+    return good
+
+
+def _check_real_dir(path: Path) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc.strerror}") from exc
+    if stat.S_ISLNK(st.st_mode):
+        raise StoreError(f"{path} is a symlink; the store never follows links")
+    if not stat.S_ISDIR(st.st_mode):
+        raise StoreError(f"{path} is not a directory")
+
+
+def _why_incomplete(s: ContentStore, good: dict[Digest, int], digest: Digest,
+                    size: int | None, media_type: str | None, depth: int = 0) -> str | None:
+    """None when ``digest`` names a complete image or index, else the reason it isn't."""
+    from .manifest import MAX_MANIFEST_SIZE, ImageIndex, parse_manifest
+
+    if digest not in good:
+        return f"manifest {digest} is missing or corrupt"
+    if size is not None and good[digest] != size:
+        return f"manifest {digest} is {good[digest]} bytes, the entry says {size}"
+    if depth > _MAX_DEPTH:
+        return f"indexes nested deeper than {_MAX_DEPTH}"
+    try:
+        data = s.read(digest, max_size=MAX_MANIFEST_SIZE)
+        parsed = parse_manifest(data, media_type)
+    except PullerError as exc:
+        return f"manifest {digest} can't be used: {exc}"
+    if isinstance(parsed, ImageIndex):
+        images = [d for d in parsed.images()]
+        reasons = []
+        for child in images:
+            why = _why_incomplete(s, good, child.digest, child.size, child.media_type,
+                                  depth + 1)
+            if why is None:
+                return None
+            reasons.append(why)
+        if not images:
+            return f"index {digest} lists no images"
+        return f"no image of index {digest} is complete ({reasons[0]})"
+    for blob in (parsed.config, *parsed.layers):
+        if blob.urls and blob is not parsed.config and blob.digest not in good:
+            continue  # foreign layer: pulled only with --include-foreign
+        if blob.digest not in good:
+            role = "config" if blob is parsed.config else "layer"
+            return f"{role} {blob.digest} is missing or corrupt"
+        if good[blob.digest] != blob.size:
+            return f"blob {blob.digest} is {good[blob.digest]} bytes, the manifest says {blob.size}"
+    return None
+
+
+def _scan_ingest(s: ContentStore) -> list[Partial]:
+    out = []
+    for e in _scandir(s.root / "ingest"):
+        p = Path(e.path)
+        digest = _ingest_digest(e.name)
+        size = 0
+        active = False
+        if e.is_dir(follow_symlinks=False):
+            try:
+                size = os.lstat(p / "data").st_size
+            except OSError:
+                size = 0
+            active = _lock_state(p / "lock")
+        out.append(Partial(_rel(s, p), str(digest) if digest else None, size, active))
+    return out
+
+
+def fsck(store: str | os.PathLike[str] | ContentStore, *, repair: bool = False,
+         threads: int | None = None, wait: float = _DEFAULT_WAIT) -> FsckReport:
+    """Check every blob and index entry of ``store``; with ``repair``, remove the broken
+    ones (while holding the store so no pull runs, waiting up to ``wait`` seconds for
+    running pulls). Raises :class:`StoreError` when the store can't be read."""
+    s = _open_store(store)
+    threads = threads or max(1, min(4, os.cpu_count() or 1))
+    if repair:
+        with s.exclusive(wait):
+            return _fsck(s, repair=True, threads=threads)
+    return _fsck(s, repair=False, threads=threads)
+
+
+def _fsck(s: ContentStore, *, repair: bool, threads: int) -> FsckReport:
+    report = FsckReport(store=str(s.root))
+    # index.json first: everything it names was stored before it was named, so a pull
+    # that runs while we scan can't make an entry look dangling.
+    entries: list[dict[str, Any]] | None
+    try:
+        entries = s.read_index()
+    except StoreError as exc:
+        entries = None
+        report.problems.append(Problem("invalid-index", "index.json", str(exc)))
+    good = _scan_blobs(s, report, threads)
+    report.partials = _scan_ingest(s)
+
+    dangling: list[dict[str, Any]] = []
+    for entry in entries or ():
+        report.entries += 1
+        name = _ref_name(entry)
+        digest = _parse_descriptor_digest(entry.get("digest"))
+        size = entry.get("size") if type(entry.get("size")) is int else None
+        media_type = entry.get("mediaType") if isinstance(entry.get("mediaType"), str) else None
+        if digest is None:
+            why: str | None = f"invalid digest {str(entry.get('digest'))[:100]!r}"
+        else:
+            why = _why_incomplete(s, good, digest, size, media_type)
+        if why is not None:
+            dangling.append(entry)
+            report.problems.append(Problem("dangling", "index.json", why,
+                                           digest=str(digest) if digest else None, ref=name))
+
+    if repair:
+        _repair(s, report, dangling)
+    return report
+
+
+def _repair(s: ContentStore, report: FsckReport, dangling: list[dict[str, Any]]) -> None:
+    for p in report.problems:
+        if p.kind in ("corrupt", "misnamed", "symlink"):
+            p.repaired = _unlink(s.root / p.path)
+        elif p.kind == "unexpected" and p.path.startswith("blobs/"):
+            path = s.root / p.path
+            if not path.is_dir() or path.is_symlink():
+                p.repaired = _unlink(path)
+    if dangling:
+        bad = {json.dumps(e, sort_keys=True) for e in dangling}
+
+        def change(current: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            # Matched by content: update_index reads index.json again under its lock.
+            return [e for e in current if json.dumps(e, sort_keys=True) not in bad]
+
+        s.update_index(change)
+        for p in report.problems:
+            if p.kind == "dangling":
+                p.repaired = True
+
+
+# -- gc ------------------------------------------------------------------------------------
+
+
+def _reachable(s: ContentStore, entries: list[dict[str, Any]],
+               warnings: list[str]) -> set[Digest]:
+    from .manifest import MAX_MANIFEST_SIZE, ImageIndex, parse_manifest
+
+    keep: set[Digest] = set()
+    todo: list[tuple[Digest, str | None, int]] = []
+    for entry in entries:
+        d = _parse_descriptor_digest(entry.get("digest"))
+        if d is None:
+            warnings.append(f"index entry {_ref_name(entry)} has an invalid digest")
+            continue
+        mt = entry.get("mediaType") if isinstance(entry.get("mediaType"), str) else None
+        todo.append((d, mt, 0))
+    seen: set[Digest] = set()
+    while todo:  # bounded: each digest is expanded once
+        d, mt, depth = todo.pop()
+        keep.add(d)
+        if d in seen or depth > _MAX_DEPTH or not s.has(d):
+            continue
+        seen.add(d)
+        try:
+            parsed = parse_manifest(s.read(d, max_size=MAX_MANIFEST_SIZE), mt)
+        except PullerError as exc:
+            warnings.append(f"kept {d} but could not follow it: {exc}")
+            continue
+        if isinstance(parsed, ImageIndex):
+            for child in parsed.manifests:
+                todo.append((child.digest, child.media_type, depth + 1))
+        else:
+            keep.add(parsed.config.digest)
+            keep.update(layer.digest for layer in parsed.layers)
+    return keep
+
+
+def gc(store: str | os.PathLike[str] | ContentStore, *, dry_run: bool = False,
+       wait: float = _DEFAULT_WAIT) -> GcReport:
+    """Remove blobs no index entry reaches and partial downloads nobody is writing.
+
+    Holds the store exclusively (waiting up to ``wait`` seconds for running pulls, then
+    raising :class:`puller.store.StoreBusy`); ``dry_run`` only reports. Refuses to run
+    when index.json can't be read, since then nothing is known to be reachable."""
+    s = _open_store(store)
+    if dry_run:
+        return _gc(s, dry_run=True)
+    with s.exclusive(wait):
+        return _gc(s, dry_run=False)
+
+
+def _gc(s: ContentStore, *, dry_run: bool) -> GcReport:
+    report = GcReport(store=str(s.root), dry_run=dry_run)
+    try:
+        entries = s.read_index()
+    except StoreError as exc:
+        raise StoreError(f"{exc}; not collecting garbage (run `puller fsck`)") from exc
+    keep = _reachable(s, entries, report.warnings)
+
+    blobs_dir = s.root / "blobs"
+    _check_real_dir(blobs_dir)
+    for top in _scandir(blobs_dir):
+        if top.is_symlink() or not top.is_dir(follow_symlinks=False):
+            report.warnings.append(f"left {_rel(s, Path(top.path))}: not an algorithm directory")
+            continue
+        for e in _scandir(Path(top.path)):
+            p = Path(e.path)
+            try:
+                digest: Digest | None = Digest(top.name, e.name)
+            except PullerError:
+                digest = None
+            if digest is not None and digest in keep:
+                if e.is_file(follow_symlinks=False):
+                    report.kept += 1
+                    continue
+            if e.is_dir(follow_symlinks=False):
+                report.warnings.append(f"left directory {_rel(s, p)}")
+                continue
+            try:
+                size = 0 if e.is_symlink() else e.stat(follow_symlinks=False).st_size
+            except OSError:
+                size = 0
+            if dry_run or _unlink(p):
+                report.blobs_removed.append(_rel(s, p))
+                report.blob_bytes += size
+
+    for e in _scandir(s.root / "ingest"):
+        p = Path(e.path)
+        if not e.is_dir(follow_symlinks=False):
+            if dry_run or _unlink(p):
+                report.ingest_removed.append(_rel(s, p))
+            continue
+        freed = _remove_partial(p, dry_run)
+        if freed is None:
+            report.ingest_busy += 1
+        else:
+            report.ingest_removed.append(_rel(s, p))
+            report.ingest_bytes += freed
+
+    # Temporary files of index.json or oci-layout writes cut short by a crash.
+    for e in _scandir(s.root):
+        if e.name.startswith((".index.json.tmp-", ".oci-layout.tmp-")) and \
+                not e.is_dir(follow_symlinks=False):
+            if dry_run:
+                report.other_removed.append(e.name)
+            else:
+                with s._index_lock():  # a live writer holds it while its temp file exists
+                    if _unlink(Path(e.path)):
+                        report.other_removed.append(e.name)
+    return report
+
+
+def _remove_partial(directory: Path, dry_run: bool) -> int | None:
+    """Remove one ingest entry unless its lock is held; returns bytes freed or None."""
+    lock = directory / "lock"
+    fd = -1
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError as exc:
+        if fd >= 0:
+            os.close(fd)
+            fd = -1
+        if exc.errno not in (errno.ENOENT, errno.ELOOP):
+            return None
+    try:
+        size = 0
+        for name in sorted(os.listdir(directory)):
+            try:
+                st = os.lstat(directory / name)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                return None  # not something puller made: leave the directory alone
+            size += st.st_size if stat.S_ISREG(st.st_mode) else 0
+        if dry_run:
+            return size
+        for name in os.listdir(directory):
+            if name != "lock":
+                _unlink(directory / name)
+        _unlink(lock)  # last: a writer that opened it meanwhile sees it gone and retries
+        try:
+            os.rmdir(directory)
+        except OSError:
+            pass
+        return size
+    except OSError:
+        return None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+# -- command line --------------------------------------------------------------------------
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _store_arg(args: argparse.Namespace) -> Path:
+    return Path(args.store).expanduser() if args.store else default_store_path()
+
+
+def _fail(message: str, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps({"event": "error", "error": message}), flush=True)
+    print(f"puller: {message}", file=sys.stderr)
+    return EXIT_PROBLEMS
+
+
+def _fsck_command(args: argparse.Namespace) -> int:
+    if args.wait < 0:
+        print("puller: --wait must not be negative", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        report = fsck(_store_arg(args), repair=args.repair, wait=args.wait)
+    except PullerError as exc:
+        return _fail(str(exc), args.json)
+    except KeyboardInterrupt:
+        print("puller: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if args.json:
+        print(json.dumps(report.to_json(), separators=(",", ":")), flush=True)
+        return EXIT_OK if report.ok else EXIT_PROBLEMS
+    print(f"checked {report.blobs} blobs ({_human(report.bytes)}) and {report.entries} "
+          f"index entries in {report.store}")
+    for p in report.problems:
+        print(p.line())
+    stale = [p for p in report.partials if not p.active]
+    if report.partials:
+        total = sum(p.size for p in report.partials)
+        print(f"{len(report.partials)} partial downloads in ingest/ ({_human(total)}, "
+              f"{len(report.partials) - len(stale)} in progress): the next pull resumes them, "
+              f"`puller gc` removes them")
+    left = [p for p in report.problems if not p.repaired]
+    if not report.problems:
+        print("store is consistent")
+    elif left:
+        hint = "" if args.repair else " (run `puller fsck --repair` to remove them)"
+        print(f"{len(left)} problems found{hint}")
+    else:
+        print(f"repaired {len(report.problems)} problems")
+    return EXIT_OK if report.ok else EXIT_PROBLEMS
+
+
+def _gc_command(args: argparse.Namespace) -> int:
+    if args.wait < 0:
+        print("puller: --wait must not be negative", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        report = gc(_store_arg(args), dry_run=args.dry_run, wait=args.wait)
+    except PullerError as exc:
+        return _fail(str(exc), args.json)
+    except KeyboardInterrupt:
+        print("puller: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if args.json:
+        print(json.dumps(report.to_json(), separators=(",", ":")), flush=True)
+        return EXIT_OK
+    verb = "would remove" if report.dry_run else "removed"
+    print(f"{verb} {len(report.blobs_removed)} blobs ({_human(report.blob_bytes)}) and "
+          f"{len(report.ingest_removed)} partial downloads ({_human(report.ingest_bytes)}); "
+          f"kept {report.kept} blobs")
+    if report.ingest_busy:
+        print(f"left {report.ingest_busy} partial downloads that are being written")
+    for w in report.warnings:
+        print(f"warning: {w}")
+    return EXIT_OK
 
 
 def add_parsers(sub: Any) -> None:
-    """Register maintenance subcommands (none yet)."""
-    del sub
+    """Register ``fsck`` and ``gc`` on the command line's subparsers."""
+    store_help = "store directory (default: $PULLER_STORE or ~/.cache/puller)"
+    wait_help = (f"wait up to this long for running pulls to finish (default: "
+                 f"{_DEFAULT_WAIT:.0f})")
 
+    f = sub.add_parser("fsck", help="check every blob and index entry of the store",
+                       description="Re-hash every blob in the store and check that every "
+                       "index.json entry is complete. Exit 0 when the store is consistent, "
+                       "1 when problems were found (or are left after --repair).")
+    f.add_argument("--store", metavar="DIR", help=store_help)
+    f.add_argument("--repair", action="store_true",
+                   help="remove corrupt blobs and dangling index entries")
+    f.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    f.add_argument("--wait", type=float, default=_DEFAULT_WAIT, metavar="SECONDS",
+                   help=f"with --repair: {wait_help}")
+    f.set_defaults(handler=_fsck_command)
 
-__all__ = ["add_parsers"]
-_ = argparse
+    g = sub.add_parser("gc", help="remove blobs that no image in the store uses",
+                       description="Remove blobs no index.json entry reaches and partial "
+                       "downloads nobody is writing. Never removes what a running pull "
+                       "has stored or is about to name.")
+    g.add_argument("--store", metavar="DIR", help=store_help)
+    g.add_argument("--dry-run", action="store_true", help="only report what would be removed")
+    g.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    g.add_argument("--wait", type=float, default=_DEFAULT_WAIT, metavar="SECONDS",
+                   help=wait_help)
+    g.set_defaults(handler=_gc_command)

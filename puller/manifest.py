@@ -14,8 +14,13 @@ from typing import Any
 
 from puller import mediatypes as mt
 from puller.digest import Digest, _preview
-from puller.errors import (InvalidDigest, InvalidPlatform, ManifestError, ManifestTooLarge,
-                           UnsupportedManifest)
+from puller.errors import (
+    InvalidDigest,
+    InvalidPlatform,
+    ManifestError,
+    ManifestTooLarge,
+    UnsupportedManifest,
+)
 from puller.platform import Platform, is_unknown
 from puller.platform import select as _select
 
@@ -149,7 +154,7 @@ class Descriptor:
                                                               "descriptor annotations"),
                    artifact_type=artifact_type)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         """The OCI descriptor JSON object (camelCase keys, only the set fields)."""
         out: dict[str, Any] = {"mediaType": self.media_type, "digest": str(self.digest),
                                "size": self.size}
@@ -226,7 +231,11 @@ def _decode(data: bytes) -> dict[str, Any]:
         obj = dict(pairs)
         if len(obj) != len(pairs) and not duplicates:
             seen: set[str] = set()
-            duplicates.extend(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+            for key, _ in pairs:
+                if key in seen:
+                    duplicates.append(key)
+                    break
+                seen.add(key)
         return obj
 
     def no_constants(name: str) -> None:
@@ -239,7 +248,8 @@ def _decode(data: bytes) -> dict[str, Any]:
     except RecursionError:
         raise ManifestError("malformed manifest JSON: nested too deeply") from None
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ManifestError(f"malformed manifest JSON: {_preview(str(e), 160)}") from None
+        detail = " ".join(str(e).split())  # one line whatever the decoder said
+        raise ManifestError(f"malformed manifest JSON: {detail[:160]}") from None
     if not isinstance(doc, dict):
         raise ManifestError(f"manifest JSON must be an object, got {type(doc).__name__}")
     if _is_schema1(doc, None):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from puller.digest import _preview
 from puller.errors import InvalidPlatform, NoMatchingPlatform
@@ -112,7 +112,7 @@ class Platform:
         return cls(normalize_os(parts[0]), arch, variant)
 
     @classmethod
-    def from_json(cls, obj: dict) -> Platform:
+    def from_json(cls, obj: dict[str, Any]) -> Platform:
         """From an OCI descriptor ``platform`` object; normalised. Raises InvalidPlatform."""
         if not isinstance(obj, dict):
             raise InvalidPlatform(f"platform must be a JSON object, got {_preview(obj)}")
@@ -150,9 +150,9 @@ class Platform:
         out = f"{self.os}/{self.architecture}"
         return f"{out}/{self.variant}" if self.variant else out
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, str]:
         """OCI ``platform`` object with only the fields that are set."""
-        out: dict = {"architecture": self.architecture, "os": self.os}
+        out = {"architecture": self.architecture, "os": self.os}
         if self.os_version:
             out["os.version"] = self.os_version
         if self.variant:

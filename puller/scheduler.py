@@ -163,8 +163,16 @@ class BlobScheduler:
                         await self._run(writer.restart)
                         raise err from exc
                     raise _Partial(err, writer.offset - begun) from exc
+                declared = stream.response.content_length
             fetched = writer.offset - begun
             if writer.offset < desc.size:
+                if declared is not None and fetched == declared:
+                    # The server said how long its body was and sent all of it: its copy
+                    # is shorter than the descriptor, which no resume can fix.
+                    await self._run(writer.restart)
+                    raise SizeMismatch(f"blob {desc.digest}: the registry sent "
+                                       f"{begun + declared} bytes, the manifest says "
+                                       f"{desc.size}")
                 raise _Partial(TransportError(
                     f"blob {desc.digest} ended after {writer.offset} of {desc.size} bytes"),
                     fetched)

@@ -8,10 +8,14 @@ Layout of the store root::
     ingest/sha256-<hex>/data   unfinished downloads (never counted as present)
     ingest/sha256-<hex>/lock   held (flock) by whoever is writing that digest
     index.json.lock            serialises index.json updates between processes
+    gc.lock, pulls.lock        keep ``puller gc`` and pulls apart (see :meth:`ContentStore.pin`)
 
 The only way into ``blobs/`` is :class:`BlobWriter` (through :meth:`ContentStore.ingest`
 or :meth:`ContentStore.put`): it checks size and digest, fsyncs, and renames into place,
-so a crash at any moment leaves either no blob or a whole, verified one. Partial data
+so a crash at any moment leaves either no blob or a whole, verified one. Nothing in the
+store is reached through a symlink: the layout's directories must be real directories and
+files are opened with ``O_NOFOLLOW``, so a planted link can't make puller read or write
+outside the store root. Partial data
 stays in ``ingest/`` and is resumed by the next writer of the same digest, which first
 re-hashes what is already there.
 
@@ -35,9 +39,15 @@ from . import mediatypes
 from .digest import Digest
 from .errors import DigestMismatch, SizeMismatch, StoreError
 
-__all__ = ["ContentStore", "BlobWriter", "default_store_path"]
+__all__ = ["ContentStore", "BlobWriter", "StoreBusy", "default_store_path"]
 
 _REHASH_CHUNK = 4 * 1024 * 1024
+GC_LOCK = "gc.lock"
+PULLS_LOCK = "pulls.lock"
+
+
+class StoreBusy(StoreError):
+    """gc or a repair could not get the store: pulls kept running for the whole wait."""
 
 
 def default_store_path() -> Path:
@@ -56,6 +66,15 @@ def _store_error(exc: OSError, what: str) -> StoreError:
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return StoreError(f"permission denied while {what}: {exc.strerror}")
     return StoreError(f"I/O error while {what}: {exc.strerror or exc}")
+
+
+def _real_dir(path: Path) -> None:
+    """Refuse a layout directory that is a symlink or not a directory at all."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise StoreError(f"{path} is a symlink; the store never follows links out of its root")
+    if not stat.S_ISDIR(st.st_mode):
+        raise StoreError(f"{path} is not a directory")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -111,7 +130,9 @@ class BlobWriter:
         self.offset = 0
         self.committed = False
         try:
-            self._fd = os.open(self._data_path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._fd = os.open(self._data_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            if not stat.S_ISREG(os.fstat(self._fd).st_mode):
+                raise StoreError(f"partial download of {digest} is not a regular file")
             self._resume()
         except OSError as exc:
             self.close()
@@ -192,6 +213,7 @@ class BlobWriter:
             os.close(self._fd)
             self._fd = -1
             target.parent.mkdir(parents=True, exist_ok=True)
+            _real_dir(target.parent)
             os.replace(self._data_path, target)
             _fsync_dir(target.parent)
         except OSError as exc:
@@ -249,8 +271,9 @@ class ContentStore:
         """Create the layout if it isn't there yet; refuse a root that is something else."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            for d in (self._blobs / "sha256", self._ingest):
-                d.mkdir(parents=True, exist_ok=True)
+            for d in (self._blobs, self._blobs / "sha256", self._ingest):
+                d.mkdir(exist_ok=True)
+                _real_dir(d)
             layout = self.root / "oci-layout"
             if not layout.exists():
                 _write_atomic(layout, json.dumps(
@@ -310,6 +333,7 @@ class ContentStore:
         directory = self._ingest / f"{digest.algorithm}-{digest.hex}"
         try:
             directory.mkdir(parents=True, exist_ok=True)
+            _real_dir(directory)
             lock_fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
             raise _store_error(exc, f"preparing download of {digest}") from exc
@@ -357,6 +381,82 @@ class ContentStore:
             writer.write(data)
             writer.commit()
 
+    # -- pulls versus gc ------------------------------------------------------------------
+    #
+    # A pull holds a shared flock on ``pulls.lock`` from before its first look at the store
+    # until its index entry is written; ``puller gc`` (and ``fsck --repair``) hold it
+    # exclusively, so they never see a blob that a pull has stored, or found present, but
+    # not yet named in index.json. ``gc.lock`` gives gc priority: a pull takes its shared
+    # hold only while briefly holding ``gc.lock`` shared too, so once gc holds ``gc.lock``
+    # no new pull can start and gc waits only for the pulls already running.
+
+    def _lock_fd(self, name: str) -> int:
+        return os.open(self.root / name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+
+    def pin(self) -> int | None:
+        """Try to mark a pull as in progress. Returns a file descriptor to close when the
+        pull has updated index.json, or None while gc runs (try again a little later).
+        Never blocks."""
+        try:
+            gate = self._lock_fd(GC_LOCK)
+        except OSError as exc:
+            raise _store_error(exc, f"locking {self.root}") from exc
+        try:
+            try:
+                fcntl.flock(gate, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None
+            fd = self._lock_fd(PULLS_LOCK)
+            try:
+                # Can't be held exclusively now: gc takes it only while holding the gate.
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            return fd
+        except OSError as exc:
+            raise _store_error(exc, f"locking {self.root}") from exc
+        finally:
+            os.close(gate)
+
+    @contextmanager
+    def exclusive(self, wait: float = 0.0) -> Iterator[None]:
+        """Hold the store with no pull in progress (for gc and repairs).
+
+        Waits up to ``wait`` seconds for running pulls to finish (new ones wait for us),
+        then raises :class:`StoreBusy`.
+        """
+        deadline = time.monotonic() + max(0.0, wait)
+        fds: list[int] = []
+        try:
+            for name, who in ((GC_LOCK, "another gc or repair"), (PULLS_LOCK, "a pull")):
+                fd = self._lock_fd(name)
+                fds.append(fd)
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise StoreBusy(f"store {self.root} is busy: {who} is in "
+                                            f"progress (try again later, or wait longer)"
+                                            ) from None
+                        time.sleep(min(0.05, left))
+        except OSError as exc:
+            for fd in fds:
+                os.close(fd)
+            raise _store_error(exc, f"locking {self.root}") from exc
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        try:
+            yield
+        finally:
+            for fd in reversed(fds):
+                os.close(fd)
+
     # -- index.json ----------------------------------------------------------------------
 
     @contextmanager
@@ -376,7 +476,14 @@ class ContentStore:
     def read_index(self) -> list[dict[str, Any]]:
         """The ``manifests`` entries of ``index.json`` (empty if the store is new)."""
         try:
-            raw = self._index.read_bytes()
+            fd = os.open(self._index, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                chunks = []
+                while chunk := os.read(fd, 1 << 20):
+                    chunks.append(chunk)
+                raw = b"".join(chunks)
+            finally:
+                os.close(fd)
         except FileNotFoundError:
             return []
         except OSError as exc:

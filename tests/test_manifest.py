@@ -13,8 +13,15 @@ import pytest
 from puller import mediatypes as mt
 from puller.digest import Digest
 from puller.errors import ManifestError, ManifestTooLarge, UnsupportedManifest
-from puller.manifest import (MAX_MANIFEST_SIZE, Annotations, Descriptor, ImageIndex,
-                             ImageManifest, is_attestation, parse_manifest)
+from puller.manifest import (
+    MAX_MANIFEST_SIZE,
+    Annotations,
+    Descriptor,
+    ImageIndex,
+    ImageManifest,
+    is_attestation,
+    parse_manifest,
+)
 from puller.platform import Platform
 
 
@@ -23,7 +30,8 @@ def _fixtures_dir() -> Path:
     env = os.environ.get("PULLER_FIXTURES")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "registry-captures"
+    workspace = Path(__file__).resolve().parent.parent.parent
+    return workspace / "shared" / "fixtures" / "registry-captures"
 
 
 FIXTURES = _fixtures_dir()
@@ -180,7 +188,8 @@ def test_alpine_index_attestations() -> None:
         assert att.annotations[mt.ANNOTATION_DOCKER_REFERENCE_DIGEST] in image_digests
     # annotations carry the \/-unescaped URLs
     assert images[0].annotations is not None
-    assert images[0].annotations["org.opencontainers.image.url"] == "https://hub.docker.com/_/alpine"
+    url = images[0].annotations["org.opencontainers.image.url"]
+    assert url == "https://hub.docker.com/_/alpine"
     # descriptor JSON round-trips exactly for this index (all platforms already canonical)
     assert [d.to_json() for d in idx.manifests] == json.loads(data)["manifests"]
 
@@ -204,7 +213,8 @@ def test_alpine_graph_hashes(stem: str) -> None:
     assert m.config.digest == Digest.from_bytes(config) and m.config.size == len(config)
     assert m.config.media_type == mt.OCI_CONFIG
     assert [layer.media_type for layer in m.layers] == [mt.OCI_LAYER_GZIP]
-    assert m.annotations is not None and m.annotations["org.opencontainers.image.version"] == "3.23.2"
+    assert m.annotations is not None
+    assert m.annotations["org.opencontainers.image.version"] == "3.23.2"
     att = parse_manifest(fixture(f"dockerhub-alpine-3.23.2.{stem}.attestation-manifest.json"))
     assert isinstance(att, ImageManifest)
     assert {layer.media_type for layer in att.layers} == {"application/vnd.in-toto+json"}

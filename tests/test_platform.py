@@ -19,7 +19,8 @@ def _fixtures_dir() -> Path:
     env = os.environ.get("PULLER_FIXTURES")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "registry-captures"
+    workspace = Path(__file__).resolve().parent.parent.parent
+    return workspace / "shared" / "fixtures" / "registry-captures"
 
 
 FIXTURES = _fixtures_dir()
