@@ -51,6 +51,7 @@ from typing import Any, Iterator
 from . import mediatypes
 from .digest import ALGORITHMS, Digest
 from .errors import PullerError, StoreError
+from .manifest import MAX_MANIFEST_SIZE, ImageIndex, parse_manifest
 from .store import ContentStore, default_store_path
 
 __all__ = ["FsckReport", "GcReport", "Problem", "Partial", "fsck", "gc", "add_parsers"]
@@ -332,8 +333,6 @@ def _check_real_dir(path: Path) -> None:
 def _why_incomplete(s: ContentStore, good: dict[Digest, int], digest: Digest,
                     size: int | None, media_type: str | None, depth: int = 0) -> str | None:
     """None when ``digest`` names a complete image or index, else the reason it isn't."""
-    from .manifest import MAX_MANIFEST_SIZE, ImageIndex, parse_manifest
-
     if digest not in good:
         return f"manifest {digest} is missing or corrupt"
     if size is not None and good[digest] != size:
@@ -346,7 +345,7 @@ def _why_incomplete(s: ContentStore, good: dict[Digest, int], digest: Digest,
     except PullerError as exc:
         return f"manifest {digest} can't be used: {exc}"
     if isinstance(parsed, ImageIndex):
-        images = [d for d in parsed.images()]
+        images = list(parsed.images())
         reasons = []
         for child in images:
             why = _why_incomplete(s, good, child.digest, child.size, child.media_type,
@@ -458,8 +457,6 @@ def _repair(s: ContentStore, report: FsckReport, dangling: list[dict[str, Any]])
 
 def _reachable(s: ContentStore, entries: list[dict[str, Any]],
                warnings: list[str]) -> set[Digest]:
-    from .manifest import MAX_MANIFEST_SIZE, ImageIndex, parse_manifest
-
     keep: set[Digest] = set()
     todo: list[tuple[Digest, str | None, int]] = []
     for entry in entries:

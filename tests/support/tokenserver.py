@@ -88,6 +88,8 @@ class TokenServer:
         self.tmp_dir = Path(tmp_dir)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.users = dict(users or {})
+        # OAuth refresh tokens (docker's "identitytoken") -> user, for POST /token.
+        self.refresh_tokens: dict[str, str] = {}
         self.anonymous_actions = tuple(anonymous_actions)
         self.expires_in = expires_in
         self.service = service
@@ -189,6 +191,7 @@ class TokenServer:
 
         app = web.Application()
         app.router.add_get("/token", self._handle_token)
+        app.router.add_post("/token", self._handle_token)
         return app
 
     def _authenticate(self, header: str | None) -> tuple[bool, str | None]:
@@ -211,6 +214,10 @@ class TokenServer:
 
         query = parse_qs(request.query_string, keep_blank_values=True)
         auth_header = request.headers.get("Authorization")
+        form: dict[str, list[str]] = {}
+        if request.method == "POST":  # OAuth2: grant_type=refresh_token&refresh_token=...
+            form = parse_qs(await request.text(), keep_blank_values=True)
+            query = {**query, **{k: v for k, v in form.items() if k in ("service", "scope")}}
         entry = {"path": request.path, "query": query, "had_authorization": bool(auth_header),
                  "user": None, "status": None, "granted": []}
         with self._lock:
@@ -229,7 +236,14 @@ class TokenServer:
 
         if fail is not None:
             return done(web.json_response({"details": "injected failure"}, status=fail))
-        ok, user = self._authenticate(auth_header)
+        if request.method == "POST":
+            refresh = form.get("refresh_token", [""])[0]
+            user = self.refresh_tokens.get(refresh) \
+                if form.get("grant_type", [""])[0] == "refresh_token" else None
+            ok = user is not None
+            entry["grant"] = "refresh_token"
+        else:
+            ok, user = self._authenticate(auth_header)
         entry["user"] = user
         if not ok:
             return done(web.json_response(
