@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import ssl
 import stat
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from puller.credentials import Credentials, DockerConfig
 from puller.errors import AuthenticationRequired
 from puller.reference import Reference
 from tests.support import ThreadedServer
-from tests.support.images import build_image, push
+from tests.support.images import Pusher, build_image, push
 
 USER, PASSWORD = "alice", "wonder-land-42"
 
@@ -403,3 +404,36 @@ async def test_cross_host_redirect_carries_no_credentials(token_registry, unique
     for d, data in img.blobs().items():
         assert (store_dir / "blobs" / "sha256" / d.split(":")[1]).read_bytes() == data
     assert hashlib.sha256(img.manifest).hexdigest() == img.digest.split(":")[1]
+
+
+def test_client_certificate_from_certs_d(registry_factory, tls_files, docker_config, tmp_path):
+    """A registry that demands a client certificate gets the one in certs.d/HOST/."""
+    client_ca = trustme.CA()
+    client = client_ca.issue_cert("puller-client@example.test")
+    ca_path, cert_path, key_path = (tmp_path / n for n in ("client-ca.crt", "c.cert", "c.key"))
+    client_ca.cert_pem.write_to_path(str(ca_path))
+    client.cert_chain_pems[0].write_to_path(str(cert_path))
+    client.private_key_pem.write_to_path(str(key_path))
+    reg = registry_factory(tls=(tls_files["cert"], tls_files["key"]), client_ca=ca_path,
+                           client_cert=(cert_path, key_path))
+    img = build_image(seed=58, layer_sizes=[3_000])
+    ctx = ssl._create_unverified_context()
+    ctx.load_cert_chain(str(cert_path), str(key_path))
+    with Pusher(reg.url, ssl_context=ctx) as pusher:
+        pusher.push("mtls/x", "1", img)
+    name = f"registry.test:{reg.port}"
+    net = ["--add-host", "registry.test:127.0.0.1", "--ca-cert", str(tls_files["ca"])]
+
+    without = cli("pull", *net, "--retries", "0", "--store", str(tmp_path / "s1"),
+                  f"{name}/mtls/x:1", docker_config=docker_config)
+    assert without.returncode == 1
+    no_traceback(without)
+
+    certs = docker_config / "certs.d" / name
+    certs.mkdir(parents=True)
+    shutil.copy(cert_path, certs / "client.cert")
+    shutil.copy(key_path, certs / "client.key")
+    with_cert = cli("pull", "-q", *net, "--store", str(tmp_path / "s2"), f"{name}/mtls/x:1",
+                    docker_config=docker_config)
+    assert with_cert.returncode == 0, with_cert.stderr
+    assert with_cert.stdout.strip().endswith(img.digest)

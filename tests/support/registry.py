@@ -91,8 +91,12 @@ class Registry:
         token_service: str | None = None,
         token_issuer: str | None = None,
         tls: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = None,
+        client_ca: str | os.PathLike[str] | None = None,
+        client_cert: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = None,
         binary: str | None = None,
     ) -> None:
+        """``client_ca``: require TLS client certificates signed by this CA (then
+        ``client_cert`` = (cert, key) is what the readiness probe presents)."""
         if auth not in (None, "htpasswd", "token"):
             raise ValueError(f"auth must be None, 'htpasswd' or 'token', not {auth!r}")
         if auth == "token" and not (token_realm and token_cert_path):
@@ -106,6 +110,8 @@ class Registry:
         self.token_service = token_service or self.SERVICE
         self.token_issuer = token_issuer or self.ISSUER
         self.tls = (str(tls[0]), str(tls[1])) if tls else None
+        self.client_ca = str(client_ca) if client_ca else None
+        self.client_cert = (str(client_cert[0]), str(client_cert[1])) if client_cert else None
         self.binary = binary or registry_binary()
         self.root = self.tmp_dir / "storage"
         self.config_path = self.tmp_dir / "config.yml"
@@ -176,6 +182,8 @@ class Registry:
         }
         if self.tls:
             http_cfg["tls"] = {"certificate": self.tls[0], "key": self.tls[1]}
+            if self.client_ca:
+                http_cfg["tls"]["clientcas"] = [self.client_ca]
         cfg: dict = {
             "version": 0.1,
             "log": {"level": "warn", "formatter": "text", "accesslog": {"disabled": True}},
@@ -235,6 +243,8 @@ class Registry:
             ctx = ssl.create_default_context()
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
+            if self.client_cert:
+                ctx.load_cert_chain(*self.client_cert)
             conn: http.client.HTTPConnection = http.client.HTTPSConnection(
                 "127.0.0.1", self.port, timeout=1, context=ctx)
         else:
