@@ -77,9 +77,10 @@ def _build_parser() -> argparse.ArgumentParser:
     logout.add_argument("registry", nargs="?", metavar="REGISTRY",
                         help="registry host[:port] (default: Docker Hub)")
 
-    from . import maintenance
+    from . import maintenance, storecmds
 
     maintenance.add_parsers(sub)
+    storecmds.add_parsers(sub)
     return p
 
 
