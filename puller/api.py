@@ -44,10 +44,19 @@ class PullOptions:
     all_platforms: bool = False  # every image of an index (never attestations)
     concurrency: int = 8  # blobs downloaded at once, across all images
     include_foreign: bool = False  # also fetch non-distributable layers that carry URLs
+    # A big blob is fetched as up to this many byte ranges at once when there are fewer
+    # blobs than ``concurrency`` to fetch (1 turns it off); each range is at least
+    # ``segment_min`` bytes.
+    segments: int = 4
+    segment_min: int = 16 << 20
 
     def __post_init__(self) -> None:
         if not 1 <= self.concurrency <= 256:
             raise ValueError("concurrency must be between 1 and 256")
+        if not 1 <= self.segments <= 64:
+            raise ValueError("segments must be between 1 and 64")
+        if self.segment_min < 1 << 20:
+            raise ValueError("segment_min must be at least 1 MiB")
         if self.platform is not None and not isinstance(self.platform, Platform):
             raise TypeError("platform must be a puller.Platform (use Platform.parse)")
 
@@ -118,7 +127,9 @@ class Puller:
             raise
         self._scheduler = BlobScheduler(self._client, self.store,
                                         concurrency=self.options.concurrency,
-                                        executor=self._executor, emit=self._emit)
+                                        executor=self._executor, emit=self._emit,
+                                        segments=self.options.segments,
+                                        segment_min=self.options.segment_min)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -43,6 +43,9 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="store directory (default: $PULLER_STORE or ~/.cache/puller)")
     pull.add_argument("-c", "--concurrency", type=int, default=8, metavar="N",
                       help="blobs downloaded at once, across all images (default: 8)")
+    pull.add_argument("--segments", type=int, default=4, metavar="N",
+                      help="fetch a large blob as up to N parallel byte ranges when there is "
+                      "spare concurrency (1 = off; default: 4)")
     _add_network_options(pull)
     pull.add_argument("--retries", type=int, default=5, metavar="N",
                       help="extra attempts after a transient failure (default: 5)")
@@ -167,6 +170,8 @@ def _pull_command(args: argparse.Namespace) -> int:
             return _fail_usage(str(exc), args.json)
     if not 1 <= args.concurrency <= 256:
         return _fail_usage("--concurrency must be between 1 and 256", args.json)
+    if not 1 <= args.segments <= 64:
+        return _fail_usage("--segments must be between 1 and 64", args.json)
     if args.retries < 0 or args.stall_timeout <= 0:
         return _fail_usage("--retries must be >= 0 and --stall-timeout > 0", args.json)
     try:
@@ -194,7 +199,8 @@ def _pull_command(args: argparse.Namespace) -> int:
         from .api import Puller, PullOptions
 
         options = PullOptions(platform=platform, all_platforms=args.all_platforms,
-                              concurrency=args.concurrency, include_foreign=args.include_foreign)
+                              concurrency=args.concurrency, include_foreign=args.include_foreign,
+                              segments=args.segments)
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         assert task is not None

@@ -51,7 +51,8 @@ from .mediatypes import ACCEPT
 from .reference import Reference
 from .tls import is_loopback_host, make_ssl_context
 
-__all__ = ["ClientOptions", "RegistryClient", "FetchedManifest", "BlobStream", "retry_delay"]
+__all__ = ["ClientOptions", "RegistryClient", "FetchedManifest", "BlobStream", "retry_delay",
+           "RangeNotHonoured", "DEFAULT_CREDENTIALS"]
 
 T = TypeVar("T")
 
@@ -597,36 +598,46 @@ class RegistryClient:
 
     @asynccontextmanager
     async def open_blob(self, ref: Reference, digest: Digest, *, size: int | None = None,
-                        offset: int = 0) -> AsyncIterator[BlobStream]:
+                        offset: int = 0, end: int | None = None) -> AsyncIterator[BlobStream]:
         """Open a blob for reading, from ``offset`` when the server honours ``Range``.
 
-        A ``206`` must carry a ``Content-Range`` that starts at ``offset`` (and names the
-        blob's size when known); a wrong one is answered by asking again for the whole
-        blob. A ``200`` yields a stream with ``start == 0``: the caller restarts.
+        A ``206`` must carry a ``Content-Range`` that starts at ``offset`` and ends where
+        asked (the blob's last byte by default, ``end`` inclusive when given); a wrong
+        one is answered by asking again for the whole blob. A ``200`` yields a stream with
+        ``start == 0``: the caller restarts. With ``end`` (one segment of a parallel
+        download) anything but the exact range raises :class:`RangeNotHonoured`.
         """
         what = f"fetching blob {digest}"
         path = f"/v2/{ref.repository}/blobs/{digest}"
         headers = {"Accept-Encoding": "identity"}
-        ranged = offset > 0
+        ranged = offset > 0 or end is not None
+        last = end if end is not None else (size - 1 if size is not None else None)
         for _ in range(2):
             h = dict(headers)
             if ranged:
-                h["Range"] = f"bytes={offset}-"
+                h["Range"] = f"bytes={offset}-{'' if end is None else end}"
             async with self._request("GET", ref, path, what=what, headers=h) as resp:
                 if resp.status == 206 and ranged:
                     m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
                     good = (m is not None and int(m.group(1)) == offset
                             and (size is None or m.group(3) == "*" or int(m.group(3)) == size)
-                            and (size is None or int(m.group(2)) == size - 1))
-                    if not good:
-                        ranged = False  # don't trust this server's ranges: take it all
-                        continue
-                    yield BlobStream(resp, offset)
-                    return
+                            and (last is None or int(m.group(2)) == last))
+                    if good:
+                        yield BlobStream(resp, offset)
+                        return
+                    if end is not None:
+                        raise RangeNotHonoured(f"{ref.api_host} answered a range of {digest} "
+                                               "with the wrong bytes")
+                    ranged = False  # don't trust this server's ranges: take it all
+                    continue
                 if resp.status == 200:
+                    if end is not None:
+                        raise RangeNotHonoured(f"{ref.api_host} ignores Range requests")
                     yield BlobStream(resp, 0)
                     return
                 if resp.status == 416 and ranged:
+                    if end is not None:
+                        raise RangeNotHonoured(f"{ref.api_host} refused a range of {digest}")
                     ranged = False
                     continue
                 err = await self._error_for(resp, ref.api_host, what)
@@ -635,3 +646,9 @@ class RegistryClient:
                                    host=ref.api_host, code=err.code)
                 raise err
         raise TransportError(f"{ref.api_host} sent an unusable Content-Range for {digest}")
+
+
+class RangeNotHonoured(TransportError):
+    """The registry did not answer a segment request with exactly that segment."""
+
+    retryable = False

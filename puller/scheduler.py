@@ -21,7 +21,7 @@ from typing import Callable
 
 import aiohttp
 
-from .client import ClientOptions, RegistryClient, retry_delay
+from .client import ClientOptions, RangeNotHonoured, RegistryClient, retry_delay
 from .digest import Digest
 from .errors import IntegrityError, PullerError, SizeMismatch, TransportError
 from .events import BlobProgress, BlobRetry, BlobStarted, Event
@@ -38,7 +38,8 @@ _LOCK_POLL = 0.25  # seconds between looks at a digest another process is writin
 class BlobScheduler:
     def __init__(self, client: RegistryClient, store: ContentStore, *, concurrency: int,
                  executor: Executor, emit: Callable[[Event], None],
-                 options: ClientOptions | None = None) -> None:
+                 options: ClientOptions | None = None, segments: int = 4,
+                 segment_min: int = 16 << 20) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self._client = client
@@ -47,6 +48,11 @@ class BlobScheduler:
         self._emit = emit
         self._options = options or client.options
         self._slots = asyncio.Semaphore(concurrency)
+        self._concurrency = concurrency
+        self._segments = segments
+        self._segment_min = max(1 << 20, segment_min)
+        self._alive = 0  # downloads wanted and not finished (running or waiting for a slot)
+        self._no_ranges: set[str] = set()  # hosts that don't honour Range
         self._inflight: dict[Digest, asyncio.Task[int]] = {}
         self._watchers: dict[Digest, list[str]] = {}
 
@@ -96,6 +102,13 @@ class BlobScheduler:
 
     async def _download(self, ref: Reference, desc: Descriptor) -> int:
         """Returns bytes fetched, or -1 when another process stored the blob first."""
+        self._alive += 1
+        try:
+            return await self._download_in_slot(ref, desc)
+        finally:
+            self._alive -= 1
+
+    async def _download_in_slot(self, ref: Reference, desc: Descriptor) -> int:
         async with self._slots:
             attempt = 0
             integrity_failures = 0
@@ -149,6 +162,9 @@ class BlobScheduler:
                 return 0
             self._notify(desc.digest, lambda im: BlobStarted(
                 ref=im, digest=str(desc.digest), size=desc.size, offset=start_offset))
+            parts = self._segments_for(ref, desc.size - start_offset)
+            if parts > 1:
+                return await self._download_segments(ref, desc, writer, parts)
             async with self._client.open_blob(ref, desc.digest, size=desc.size,
                                               offset=start_offset) as stream:
                 if stream.start != writer.offset:
@@ -181,17 +197,91 @@ class BlobScheduler:
         finally:
             writer.close()
 
+    def _segments_for(self, ref: Reference, remaining: int) -> int:
+        """How many ranges to fetch a blob's ``remaining`` bytes in, at once.
+
+        Only spare capacity is used: a blob is split when fewer blobs than the
+        concurrency limit are waiting, so one big layer gets several connections (as a
+        CDN caps each one) while many layers keep one each."""
+        if self._segments < 2 or ref.api_host in self._no_ranges:
+            return 1
+        spare = self._concurrency - self._alive + 1
+        return max(1, min(self._segments, spare, remaining // self._segment_min))
+
+    async def _download_segments(self, ref: Reference, desc: Descriptor, writer: BlobWriter,
+                                 parts: int) -> int:
+        """Fetch ``parts`` byte ranges of one blob in parallel. The first range streams
+        through the hasher; the others are written at their offsets and hashed, in
+        order, from disk once all have arrived. Memory stays flat."""
+        begun = writer.offset
+        step = (desc.size - begun) // parts
+        ends = [begun + (i + 1) * step - 1 for i in range(parts - 1)] + [desc.size - 1]
+        bounds = [(begun + i * step, ends[i]) for i in range(parts)]
+        cursors = [a for a, _ in bounds]
+        what = f"fetching blob {desc.digest}"
+
+        def done() -> int:
+            return writer.offset + sum(c - a for c, (a, _) in
+                                       zip(cursors[1:], bounds[1:], strict=True))
+
+        async def segment(i: int) -> None:
+            a, b = bounds[i]
+            async with self._client.open_blob(ref, desc.digest, size=desc.size, offset=a,
+                                              end=b) as stream:
+                if i == 0:
+                    await self._pump(ref, stream.content, writer, desc, on_progress=done)
+                    reached = writer.offset
+                else:
+                    def sink(batch: list[bytes], i: int = i) -> None:
+                        cursors[i] = writer.write_at(cursors[i], batch)
+
+                    await self._pump(ref, stream.content, writer, desc, sink=sink,
+                                     on_progress=done)
+                    reached = cursors[i]
+            if reached != b + 1:
+                raise TransportError(f"range {a}-{b} of blob {desc.digest} ended at {reached}")
+
+        tasks = [asyncio.create_task(segment(i)) for i in range(parts)]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException as exc:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if isinstance(exc, RangeNotHonoured):
+                self._no_ranges.add(ref.api_host)  # from now on one stream per blob
+                retry = TransportError(f"{exc}; fetching {desc.digest} in one stream")
+                raise _Partial(retry, writer.offset - begun) from exc
+            if isinstance(exc, (PullerError, aiohttp.ClientError, asyncio.TimeoutError,
+                                OSError)):
+                err = exc if isinstance(exc, PullerError) else self._client.map_transport(
+                    exc, ref.api_host, what)
+                if isinstance(err, SizeMismatch):
+                    await self._run(writer.restart)
+                    raise err from exc
+                raise _Partial(err, writer.offset - begun) from exc
+            raise
+        await self._run(writer.absorb, desc.size)
+        await self._run(writer.commit)
+        return desc.size - begun
+
     async def _pump(self, ref: Reference, content: aiohttp.StreamReader, writer: BlobWriter,
-                    desc: Descriptor) -> None:
-        """Read the body and hand it to the writer in batches, one batch in flight."""
+                    desc: Descriptor, sink: Callable[[list[bytes]], object] | None = None,
+                    on_progress: Callable[[], int] | None = None) -> None:
+        """Read the body and hand it to the writer in batches, one batch in flight.
+
+        ``sink`` takes each batch in a worker thread (default: hash and append);
+        ``on_progress`` says how many bytes of the blob are done, for progress events."""
         loop = asyncio.get_running_loop()
         pending: asyncio.Future[None] | None = None
         batch: list[bytes] = []
         batched = 0
         digest = str(desc.digest)
+        sink = sink or writer.write_many
+        done = on_progress or (lambda: writer.offset)
 
-        def report(_: object) -> None:  # progress = bytes hashed and on disk
-            self._progress(desc.digest, digest, writer.offset, desc.size)
+        def report(_: object) -> None:  # progress = bytes on disk
+            self._progress(desc.digest, digest, done(), desc.size)
 
         try:
             while True:
@@ -204,16 +294,16 @@ class BlobScheduler:
                     if pending is not None:
                         # Shielded: cancelling us must not mark a running write as done.
                         await asyncio.shield(pending)
-                    pending = loop.run_in_executor(self._executor, writer.write_many, batch)
+                    pending = loop.run_in_executor(self._executor, sink, batch)
                     pending.add_done_callback(report)
                     batch = []
                     batched = 0
             if pending is not None:
                 await asyncio.shield(pending)
             if batch:
-                await loop.run_in_executor(self._executor, writer.write_many, batch)
+                await loop.run_in_executor(self._executor, sink, batch)
                 batch = []
-            self._progress(desc.digest, digest, writer.offset, desc.size)
+            report(None)
         finally:
             # Never let the writer be closed while a worker thread still writes to it.
             while pending is not None and not pending.done():
@@ -227,7 +317,7 @@ class BlobScheduler:
                 # one batch) so the next attempt resumes after it. It is verified with the
                 # rest at commit.
                 try:
-                    writer.write_many(batch)
+                    sink(batch)
                 except PullerError:
                     pass
 

@@ -192,6 +192,40 @@ class BlobWriter:
         for c in chunks:
             self.write(c)
 
+    def write_at(self, position: int, chunks: list[bytes]) -> int:
+        """Store a later segment of a parallel download at ``position``, unhashed.
+
+        The bytes count only once :meth:`absorb` has hashed them in order; until then
+        they are scratch space (a crash leaves them to be verified or thrown away).
+        Returns the position after the last byte written.
+        """
+        for c in chunks:
+            if position + len(c) > self.size:
+                raise SizeMismatch(
+                    f"blob {self.digest}: server sent more than the expected {self.size} bytes")
+            try:
+                view = memoryview(c)
+                while view:
+                    w = os.pwrite(self._fd, view, position)
+                    view = view[w:]
+                    position += w
+            except OSError as exc:
+                raise _store_error(exc, f"writing blob {self.digest}") from exc
+        return position
+
+    def absorb(self, upto: int) -> None:
+        """Hash the segments already on disk from ``offset`` to ``upto`` (in order)."""
+        try:
+            while self.offset < upto:
+                chunk = os.pread(self._fd, min(_REHASH_CHUNK, upto - self.offset), self.offset)
+                if not chunk:
+                    raise SizeMismatch(f"blob {self.digest}: segment data missing on disk")
+                self._hasher.update(chunk)
+                self.offset += len(chunk)
+            os.lseek(self._fd, self.offset, os.SEEK_SET)
+        except OSError as exc:
+            raise _store_error(exc, f"reading back blob {self.digest}") from exc
+
     def commit(self) -> None:
         """Verify size and digest, fsync and move the blob into ``blobs/``.
 
@@ -243,6 +277,12 @@ class BlobWriter:
     def close(self) -> None:
         """Release the file and the lock; uncommitted data stays for a later resume."""
         if self._fd >= 0:
+            try:
+                # Only the hashed prefix is worth resuming from; drop unhashed segments.
+                if not self.committed and os.fstat(self._fd).st_size > self.offset:
+                    os.ftruncate(self._fd, self.offset)
+            except OSError:
+                pass
             os.close(self._fd)
             self._fd = -1
         if self._lock_fd >= 0:

@@ -294,3 +294,65 @@ async def test_anonymous_bearer_token_flow(token_registry, unique_repo, store_di
     assert log and all(not e["had_authorization"] for e in log)
     assert len(log) == 1  # one token, cached for the manifest and every blob
     assert f"repository:{unique_repo}:pull" in log[0]["query"].get("scope", "")
+
+
+SEGMENTED = dict(segments=4, segment_min=1 << 20)
+
+
+def ranges_of(requests: list[dict]) -> list[tuple[int, int]]:
+    out = []
+    for q in requests:
+        a, _, b = q["range"].removeprefix("bytes=").partition("-")
+        out.append((int(a), int(b)))
+    return sorted(out)
+
+
+async def test_large_blob_is_fetched_as_parallel_ranges(registry, proxy, unique_repo,
+                                                        store_dir):
+    img = build_image(seed=61, layer_sizes=[6_000_000])
+    push(registry.url, unique_repo, "big", img)
+    big = "sha256:" + hashlib.sha256(img.layers[0]).hexdigest()
+    events: list = []
+    r = await pull(store_dir, f"{proxy.host}/{unique_repo}:big", events=events, **SEGMENTED)
+    assert r.digest == img.digest
+    reqs = proxy.blob_requests(big)
+    assert len(reqs) == 4 and all(q["status"] == 206 for q in reqs)
+    spans = ranges_of(reqs)
+    size = len(img.layers[0])
+    assert spans[0][0] == 0 and spans[-1][1] == size - 1
+    assert all(spans[i][1] + 1 == spans[i + 1][0] for i in range(3))  # no gaps, no overlap
+    assert blob_files(store_dir)[big] == img.layers[0]
+    progress = [e.complete for e in events if e.kind == "blob.progress" and e.digest == big]
+    assert progress[-1] == size
+    assert not any((store_dir / "ingest").glob("sha256-*"))
+
+
+async def test_many_blobs_keep_one_stream_each(registry, proxy, unique_repo, store_dir):
+    img = build_image(seed=62, layer_sizes=[3_000_000] * 8)
+    push(registry.url, unique_repo, "many", img)
+    await pull(store_dir, f"{proxy.host}/{unique_repo}:many", concurrency=4, **SEGMENTED)
+    assert all(q["range"] is None for q in proxy.blob_requests())
+
+
+async def test_ranges_ignored_falls_back_to_one_stream(registry, proxy, unique_repo, store_dir):
+    img = build_image(seed=63, layer_sizes=[5_000_000])
+    push(registry.url, unique_repo, "nr", img)
+    big = "sha256:" + hashlib.sha256(img.layers[0]).hexdigest()
+    proxy.ignore_range(digest=big)
+    r = await pull(store_dir, f"{proxy.host}/{unique_repo}:nr", **SEGMENTED)
+    assert r.digest == img.digest
+    assert blob_files(store_dir)[big] == img.layers[0]
+    assert proxy.blob_requests(big)[-1]["range"] is None  # the last try was one plain GET
+
+
+async def test_cut_segment_is_retried_and_blob_verified(registry, proxy, unique_repo,
+                                                        store_dir):
+    img = build_image(seed=64, layer_sizes=[6_000_000])
+    push(registry.url, unique_repo, "cut", img)
+    big = "sha256:" + hashlib.sha256(img.layers[0]).hexdigest()
+    proxy.cut_blob(after_bytes=300_000, times=2, digest=big)
+    proxy.corrupt_blob(offset=4_500_000, times=1, digest=big)
+    r = await pull(store_dir, f"{proxy.host}/{unique_repo}:cut", **SEGMENTED)
+    assert r.digest == img.digest
+    assert blob_files(store_dir)[big] == img.layers[0]
+    assert_store_valid(store_dir)
