@@ -195,7 +195,10 @@ class BlobScheduler:
             await self._run(writer.commit)
             return fetched
         finally:
-            writer.close()
+            # close() can take a while on some filesystems: keep it off the event loop.
+            # Once submitted it runs even if we are cancelled while waiting for it.
+            await asyncio.shield(asyncio.get_running_loop().run_in_executor(
+                self._executor, writer.close))
 
     def _segments_for(self, ref: Reference, remaining: int) -> int:
         """How many ranges to fetch a blob's ``remaining`` bytes in, at once.
