@@ -384,10 +384,14 @@ class RegistryClient:
                 if creds is not None and creds.identity_token:
                     form = {"grant_type": "refresh_token", "refresh_token": creds.identity_token,
                             "client_id": "puller", "service": service, "scope": scope}
+                    # (OAuth takes several scopes space-separated in one field.)
                     req = self._session.post(realm, data={k: v for k, v in form.items() if v},
                                              ssl=ssl_ctx, allow_redirects=False)
                 else:
-                    params = {k: v for k, v in (("service", service), ("scope", scope)) if v}
+                    # Several scopes (push to one repository, mount from another) go as
+                    # repeated scope parameters, as the token spec says.
+                    params = [("service", service)] if service else []
+                    params += [("scope", one) for one in scope.split(" ") if one]
                     url = f"{realm}{'&' if '?' in realm else '?'}{urlencode(params)}"
                     if creds is not None and creds.username:
                         headers["Authorization"] = creds.basic()
@@ -455,12 +459,15 @@ class RegistryClient:
     @asynccontextmanager
     async def _request(self, method: str, ref: Reference, path: str, *, what: str,
                        headers: dict[str, str] | None = None,
-                       scope: str | None = None) -> AsyncIterator[aiohttp.ClientResponse]:
+                       scope: str | None = None,
+                       data: Any = None) -> AsyncIterator[aiohttp.ClientResponse]:
         """One request to the registry with auth, TLS and redirects handled.
 
         Yields the final response (any status); the caller maps error statuses. The
         Authorization header goes to the registry host only, never to a redirect target
-        on another host.
+        on another host. ``scope`` may list several scopes separated by spaces (e.g.
+        ``repository:a:pull,push repository:b:pull``). A ``data`` body must be bytes (it
+        may be sent twice: once more after an auth challenge).
         """
         assert self._session is not None, "RegistryClient used outside `async with`"
         host = ref.api_host
@@ -482,7 +489,7 @@ class RegistryClient:
                     ssl_ctx = self._ssl_for(target_host) if target.startswith("https:") \
                         else False
                     resp = await self._session.request(method, target, headers=h, ssl=ssl_ctx,
-                                                       allow_redirects=False)
+                                                       data=data, allow_redirects=False)
                     if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
                         target = urljoin(target, resp.headers["Location"])
                         resp.release()
