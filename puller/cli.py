@@ -80,10 +80,11 @@ def _build_parser() -> argparse.ArgumentParser:
     logout.add_argument("registry", nargs="?", metavar="REGISTRY",
                         help="registry host[:port] (default: Docker Hub)")
 
-    from . import maintenance, storecmds
+    from . import maintenance, storecmds, transfer
 
     maintenance.add_parsers(sub)
     storecmds.add_parsers(sub)
+    transfer.add_parsers(sub)
     return p
 
 
