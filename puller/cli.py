@@ -76,6 +76,26 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="read the password or token from standard input")
     _add_network_options(login)
 
+    bench = sub.add_parser("bench", help="measure pull throughput from a registry",
+                           description="Pull REF repeatedly into throw-away stores (never "
+                           "your store) and report time to manifest, time to first byte, "
+                           "per-layer and total throughput (p50/p95), and what bounded it.")
+    bench.add_argument("ref", metavar="REF")
+    bench.add_argument("--runs", type=int, default=3, metavar="N",
+                       help="timed runs per concurrency (default: 3)")
+    bench.add_argument("--concurrency", default="8", metavar="LIST",
+                       help="comma-separated concurrency values to sweep (default: 8)")
+    bench.add_argument("--warm", action="store_true",
+                       help="time re-pulls of an image already in the store")
+    bench.add_argument("--platform", metavar="OS/ARCH[/VARIANT]")
+    bench.add_argument("--all-platforms", action="store_true")
+    bench.add_argument("--segments", type=int, default=4, metavar="N",
+                       help="parallel byte ranges for a large blob (1 = off; default: 4)")
+    bench.add_argument("--work-dir", metavar="DIR",
+                       help="where the throw-away stores go (default: the system temp dir)")
+    bench.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_network_options(bench)
+
     logout = sub.add_parser("logout", help="remove saved credentials for a registry")
     logout.add_argument("registry", nargs="?", metavar="REGISTRY",
                         help="registry host[:port] (default: Docker Hub)")
@@ -122,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _login_command(args)
     if args.command == "logout":
         return _logout_command(args)
+    if args.command == "bench":
+        return _bench_command(args)
     handler = getattr(args, "handler", None)
     if handler is not None:  # commands that register themselves (see maintenance.py)
         return int(handler(args))
@@ -344,6 +366,62 @@ def _logout_command(args: argparse.Namespace) -> int:
         print(f"puller: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print(f"Removing login credentials for {key}" if removed else f"Not logged in to {key}")
+    return EXIT_OK
+
+
+def _bench_command(args: argparse.Namespace) -> int:
+    from .errors import PullerError
+    from .platform import Platform
+    from .reference import Reference
+
+    try:
+        ref = str(Reference.parse(args.ref))
+        platform = Platform.parse(args.platform) if args.platform else None
+        concurrencies = [int(x) for x in args.concurrency.split(",") if x.strip()]
+        if not concurrencies or not all(1 <= c <= 256 for c in concurrencies):
+            raise ValueError("--concurrency wants numbers between 1 and 256, e.g. 1,4,16")
+        if not 1 <= args.runs <= 1000:
+            raise ValueError("--runs must be between 1 and 1000")
+        if not 1 <= args.segments <= 64:
+            raise ValueError("--segments must be between 1 and 64")
+        if args.work_dir and not os.path.isdir(args.work_dir):
+            raise ValueError(f"--work-dir: no such directory: {args.work_dir}")
+        client_options = _network_options(args)
+    except (ValueError, PullerError) as exc:
+        msg = str(exc)
+        if "invalid literal" in msg:
+            msg = "--concurrency wants comma-separated numbers, e.g. 1,4,16"
+        print(f"puller: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+
+    import asyncio
+
+    from . import bench as bench_mod
+
+    class _Opts:
+        all_platforms = args.all_platforms
+        segments = args.segments
+
+    _Opts.platform = platform  # type: ignore[attr-defined]
+
+    def progress(stats: Any) -> None:
+        if not args.json:
+            print(f"  c={stats.concurrency:<3} {stats.wall:7.3f} s  {stats.mbps:8.1f} MB/s",
+                  file=sys.stderr, flush=True)
+
+    try:
+        report = asyncio.run(bench_mod.bench(
+            ref, runs=args.runs, concurrencies=concurrencies, warm=args.warm, options=_Opts,
+            client_options=client_options, work_dir=args.work_dir, progress=progress))
+    except PullerError as exc:
+        print(f"puller: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    if args.json:
+        _json_line(sys.stdout, bench_mod.report_json(report))
+    else:
+        print(bench_mod.report_text(report))
     return EXIT_OK
 
 
