@@ -346,8 +346,10 @@ def _why_incomplete(s: ContentStore, good: dict[Digest, int], digest: Digest,
         return f"manifest {digest} can't be used: {exc}"
     if isinstance(parsed, ImageIndex):
         images = list(parsed.images())
-        reasons = []
+        reasons = []  # of children that are present but broken (absent ones weren't pulled)
         for child in images:
+            if child.digest not in good:
+                continue
             why = _why_incomplete(s, good, child.digest, child.size, child.media_type,
                                   depth + 1)
             if why is None:
@@ -355,7 +357,9 @@ def _why_incomplete(s: ContentStore, good: dict[Digest, int], digest: Digest,
             reasons.append(why)
         if not images:
             return f"index {digest} lists no images"
-        return f"no image of index {digest} is complete ({reasons[0]})"
+        if reasons:
+            return f"no image of index {digest} is complete ({reasons[0]})"
+        return f"none of the {len(images)} images of index {digest} is in the store"
     for blob in (parsed.config, *parsed.layers):
         if blob.urls and blob is not parsed.config and blob.digest not in good:
             continue  # foreign layer: pulled only with --include-foreign
