@@ -46,6 +46,8 @@ def _build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--segments", type=int, default=4, metavar="N",
                       help="fetch a large blob as up to N parallel byte ranges when there is "
                       "spare concurrency (1 = off; default: 4)")
+    pull.add_argument("--segment-min", type=int, default=16, metavar="MIB",
+                      help="smallest byte range worth its own connection, in MiB (default: 16)")
     _add_network_options(pull)
     pull.add_argument("--retries", type=int, default=5, metavar="N",
                       help="extra attempts after a transient failure (default: 5)")
@@ -195,6 +197,8 @@ def _pull_command(args: argparse.Namespace) -> int:
         return _fail_usage("--concurrency must be between 1 and 256", args.json)
     if not 1 <= args.segments <= 64:
         return _fail_usage("--segments must be between 1 and 64", args.json)
+    if args.segment_min < 1:
+        return _fail_usage("--segment-min must be at least 1 (MiB)", args.json)
     if args.retries < 0 or args.stall_timeout <= 0:
         return _fail_usage("--retries must be >= 0 and --stall-timeout > 0", args.json)
     try:
@@ -223,7 +227,7 @@ def _pull_command(args: argparse.Namespace) -> int:
 
         options = PullOptions(platform=platform, all_platforms=args.all_platforms,
                               concurrency=args.concurrency, include_foreign=args.include_foreign,
-                              segments=args.segments)
+                              segments=args.segments, segment_min=args.segment_min << 20)
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         assert task is not None

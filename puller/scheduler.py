@@ -222,6 +222,7 @@ class BlobScheduler:
         bounds = [(begun + i * step, ends[i]) for i in range(parts)]
         cursors = [a for a, _ in bounds]
         what = f"fetching blob {desc.digest}"
+        await self._run(writer.begin_segments)
 
         def done() -> int:
             return writer.offset + sum(c - a for c, (a, _) in

@@ -144,6 +144,13 @@ class BlobWriter:
     def _resume(self) -> None:
         """Re-hash what an earlier attempt left, so the download can continue after it."""
         have = os.fstat(self._fd).st_size
+        verified = self._read_segments_mark()
+        if verified is not None and verified < have:
+            # A parallel-range attempt died (kill -9) with unhashed segments on disk, maybe
+            # with holes: only the prefix it had verified when it began is known good.
+            os.ftruncate(self._fd, verified)
+            have = verified
+        self._clear_segments_mark()
         if have > self.size:
             os.ftruncate(self._fd, 0)
             have = 0
@@ -191,6 +198,39 @@ class BlobWriter:
         """Write a batch of chunks (one worker-thread hop for many network reads)."""
         for c in chunks:
             self.write(c)
+
+    def _read_segments_mark(self) -> int | None:
+        try:
+            fd = os.open(self._dir / "segments", os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return None
+        try:
+            raw = os.read(fd, 32)
+        finally:
+            os.close(fd)
+        try:
+            return max(0, int(raw))
+        except ValueError:
+            return 0
+
+    def _clear_segments_mark(self) -> None:
+        try:
+            os.unlink(self._dir / "segments")
+        except FileNotFoundError:
+            pass
+
+    def begin_segments(self) -> None:
+        """Note, before later ranges are written ahead of the hashed prefix, how far the
+        data is verified; a crash from here on resumes from that point."""
+        try:
+            fd = os.open(self._dir / "segments", os.O_WRONLY | os.O_CREAT | os.O_TRUNC |
+                         os.O_NOFOLLOW, 0o644)
+            try:
+                os.write(fd, str(self.offset).encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise _store_error(exc, f"preparing parallel download of {self.digest}") from exc
 
     def write_at(self, position: int, chunks: list[bytes]) -> int:
         """Store a later segment of a parallel download at ``position``, unhashed.
@@ -264,7 +304,7 @@ class BlobWriter:
         self._hasher = self.digest.hasher()
 
     def _remove_dir(self) -> None:
-        for name in ("data", "lock"):
+        for name in ("data", "segments", "lock"):
             try:
                 os.unlink(self._dir / name)
             except OSError:
@@ -281,6 +321,7 @@ class BlobWriter:
                 # Only the hashed prefix is worth resuming from; drop unhashed segments.
                 if not self.committed and os.fstat(self._fd).st_size > self.offset:
                     os.ftruncate(self._fd, self.offset)
+                self._clear_segments_mark()
             except OSError:
                 pass
             os.close(self._fd)

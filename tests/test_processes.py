@@ -87,3 +87,36 @@ def test_sigint_and_sigterm_keep_partial_downloads_for_the_next_run(registry, pr
     assert (store_dir / "blobs" / "sha256" / layer.split(":")[1]).read_bytes() == img.layers[0]
     assert_store_valid(store_dir)
     assert Path(store_dir / "index.json").exists()
+
+
+def test_kill_9_during_parallel_ranges_resumes_from_verified_bytes(registry, proxy,
+                                                                  unique_repo, store_dir):
+    img = build_image(seed=45, layer_sizes=[8_000_000])
+    push(registry.url, unique_repo, "seg", img)
+    layer = "sha256:" + hashlib.sha256(img.layers[0]).hexdigest()
+    ref = f"{proxy.host}/{unique_repo}:seg"
+    # Every range stalls part-way, so the kill lands while later ranges sit unhashed on disk.
+    proxy.stall_blob(after_bytes=1_200_000, seconds=30, times=4, digest=layer)
+    p = start("pull", "--json", "--segments", "4", "--segment-min", "1", "--store",
+              str(store_dir), ref)
+    assert p.stdout is not None
+    for line in p.stdout:
+        ev = json.loads(line)
+        if ev["event"] == "blob.progress" and ev["digest"] == layer and \
+                ev["complete"] >= 3_000_000:
+            break
+    p.kill()
+    p.communicate(timeout=30)
+    assert_store_valid(store_dir)
+    entry = store_dir / "ingest" / f"sha256-{layer.split(':')[1]}"
+    assert (entry / "segments").exists()  # the verified prefix was written down
+
+    proxy.clear_rules()
+    proxy.clear_log()
+    done = start("pull", "-q", "--segments", "1", "--store", str(store_dir), ref)
+    out, err = done.communicate(timeout=60)
+    assert done.returncode == 0, err
+    (req,) = proxy.blob_requests(layer)  # one request, no digest-mismatch re-fetch
+    assert (store_dir / "blobs" / "sha256" / layer.split(":")[1]).read_bytes() == img.layers[0]
+    assert not entry.exists()
+    assert_store_valid(store_dir)
