@@ -148,7 +148,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _bench_command(args)
     handler = getattr(args, "handler", None)
     if handler is not None:  # commands that register themselves (see maintenance.py)
-        return int(handler(args))
+        try:
+            return int(handler(args))
+        except KeyboardInterrupt:
+            print("puller: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
     return EXIT_USAGE  # pragma: no cover - argparse enforces a command
 
 

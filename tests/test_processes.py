@@ -35,7 +35,7 @@ def test_two_processes_share_one_store(registry, proxy, unique_repo, store_dir):
     ra, rb = f"{proxy.host}/{unique_repo}:a", f"{proxy.host}/{unique_repo}:b"
     procs = [start("pull", "-q", "--store", str(store_dir), r) for r in (ra, rb)]
     outs = [p.communicate(timeout=120) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err
     assert set(index_entries(store_dir)) == {ra, rb}
     assert_store_valid(store_dir)
