@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,11 @@ PY = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python
     else sys.executable
 DXF_PY = WORK / "dxf-venv" / "bin" / "python"
 RUN_TIMEOUT = 600.0  # seconds, per run (all of a run's commands); the child tree is killed after
+# Python tools get bytecode caching as an installed package would have it (this environment
+# may set PYTHONDONTWRITEBYTECODE, which would make every run compile puller from source); the
+# cache lives under .work, not in the source tree. The untimed warm-up runs fill it.
+TOOL_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+TOOL_ENV["PYTHONPYCACHEPREFIX"] = str(WORK / "pycache")
 ALL_SCENARIOS = ["large", "small", "shared", "warm", "huge", "sweep", "wan"]
 SWEEP = [1, 2, 4, 8, 16, 32]
 
@@ -104,7 +110,8 @@ def measure(cmds: list[list[str]], log_dir: Path, timeout: float = RUN_TIMEOUT) 
     with open(out_path, "wb") as fo, open(err_path, "wb") as fe:
         proc = subprocess.Popen([PY, "-I", "-S", str(BENCH / "launch.py"), str(res_path),
                                  str(cmds_path)], stdin=subprocess.DEVNULL, stdout=fo,
-                                stderr=fe, start_new_session=True, cwd=str(ROOT))
+                                stderr=fe, start_new_session=True, cwd=str(ROOT),
+                                env=TOOL_ENV)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -489,10 +496,18 @@ class Bench:
                     self.one_run(sc, label, tool, conc, -1, d, timed=False)
                     warm_dirs[label] = d
             elif not self.args.no_warmup:
-                # one untimed cold pull first, so no tool pays for the registry's cold cache
-                d = self.new_dest()
-                self.one_run(sc, "floor", TOOLS["floor"], None, -1, d, timed=False)
-                shutil.rmtree(d, ignore_errors=True)
+                # one untimed cold pull per tool first, so no tool pays for the registry's cold
+                # page cache or for compiling its modules; sweep: one per distinct tool
+                seen: set[str] = set()
+                for label, tool, conc in sc.tools:
+                    if tool.name in seen:
+                        continue
+                    seen.add(tool.name)
+                    d = self.new_dest()
+                    try:
+                        self.one_run(sc, label, tool, conc, -1, d, timed=False)
+                    finally:
+                        shutil.rmtree(d, ignore_errors=True)
             n = len(sc.tools)
             for rep in range(self.args.reps):
                 order = sc.tools[rep % n:] + sc.tools[:rep % n]
@@ -605,9 +620,9 @@ class Bench:
             self.registry.start()
             self.log(f"registry {self.registry.url} (storage {self.registry.root})")
             self.meta = self.collect_meta()
-            m = measure([["true"]], self.run_dir / "logs" / "rss-floor")
-            self.meta["rss_floor_mib"] = round(m.maxrss_kib / 1024, 1)
-            self.meta["spawn_overhead_s"] = round(m.wall, 4)
+            ms = [measure([["true"]], self.run_dir / "logs" / f"rss-floor-{i}") for i in range(3)]
+            self.meta["rss_floor_mib"] = round(max(m.maxrss_kib for m in ms) / 1024, 1)
+            self.meta["spawn_overhead_s"] = round(statistics.median(m.wall for m in ms), 4)
             for name in names:
                 self.run_scenario(name)
                 if name == "huge":  # 1 GiB in the registry: give the disk back now
@@ -721,14 +736,14 @@ def chart(summ: dict, path: Path) -> None:
         ax.barh(list(y), med, xerr=[lo, hi], color=colors, capsize=3)
         ax.set_yticks(list(y), labels)
         ax.invert_yaxis()
-        ax.set_title(f"{name}: {summ[name]['title']}", fontsize=8)
+        ax.set_title(textwrap.fill(f"{name}: {summ[name]['title']}", 64), fontsize=8)
         ax.set_xlabel("median wall time, s (bars: min–max)", fontsize=8)
         if max(med) / max(min(med), 1e-6) > 30:
             ax.set_xscale("log")
         for yi, r in zip(y, rows):
             if r.get("ratio_wall") is not None:
-                ax.annotate(f" {r['wall_median']:.2f}s  x{r['ratio_wall']:.2f}",
-                            (r["wall_median"], yi), fontsize=7, va="center")
+                ax.annotate(f"  {r['wall_median']:.2f}s  x{r['ratio_wall']:.2f}",
+                            (r["wall_max"], yi), fontsize=7, va="center")
         ax.margins(x=0.35)
         ax.tick_params(labelsize=8)
     for ax in list(axes.flat)[len(names):]:
@@ -749,11 +764,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verify", choices=("full", "size"), default="full",
                     help="after each run check blobs by sha256 (full) or just sizes")
     ap.add_argument("--no-warmup", action="store_true",
-                    help="skip the untimed pull that warms the registry's page cache")
+                    help="skip the untimed pull per tool that warms caches first")
     ap.add_argument("--no-dxf", action="store_true", help="leave python-dxf out")
     ap.add_argument("--wan-latency", type=float, default=0.020, help="seconds per request")
     ap.add_argument("--wan-rate", type=float, default=40e6, help="bytes/s per connection")
+    ap.add_argument("--replot", action="store_true",
+                    help="only rewrite results.md and chart.png from --out's results.json")
     args = ap.parse_args(argv)
+    if args.replot:
+        out = Path(args.out)
+        doc = json.loads((out / "results.json").read_text())
+        (out / "results.md").write_text(render_md(doc["meta"], doc["config"], doc["summary"]))
+        chart(doc["summary"], out / "chart.png")
+        return 0
     if args.reps is None:
         args.reps = 3 if args.quick else 5
     if not 1 <= args.reps <= 100:
