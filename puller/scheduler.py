@@ -171,7 +171,7 @@ class BlobScheduler:
                     await self._run(writer.restart)
                 begun = writer.offset
                 try:
-                    await self._pump(ref, stream.content, writer, desc)
+                    tail = await self._pump(ref, stream.content, writer, desc, keep_tail=True)
                 except (PullerError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                     err = exc if isinstance(exc, PullerError) else self._client.map_transport(
                         exc, ref.api_host, f"fetching blob {desc.digest}")
@@ -180,8 +180,13 @@ class BlobScheduler:
                         raise err from exc
                     raise _Partial(err, writer.offset - begun) from exc
                 declared = stream.response.content_length
+            try:
+                complete = await self._run(writer.finish, tail)
+            except SizeMismatch:  # more bytes than announced: none of it can be kept
+                await self._run(writer.restart)
+                raise
             fetched = writer.offset - begun
-            if writer.offset < desc.size:
+            if not complete:
                 if declared is not None and fetched == declared:
                     # The server said how long its body was and sent all of it: its copy
                     # is shorter than the descriptor, which no resume can fix.
@@ -192,13 +197,14 @@ class BlobScheduler:
                 raise _Partial(TransportError(
                     f"blob {desc.digest} ended after {writer.offset} of {desc.size} bytes"),
                     fetched)
-            await self._run(writer.commit)
+            self._progress(desc.digest, str(desc.digest), desc.size, desc.size)
             return fetched
         finally:
             # close() can take a while on some filesystems: keep it off the event loop.
             # Once submitted it runs even if we are cancelled while waiting for it.
-            await asyncio.shield(asyncio.get_running_loop().run_in_executor(
-                self._executor, writer.close))
+            if not writer.closed:
+                await asyncio.shield(asyncio.get_running_loop().run_in_executor(
+                    self._executor, writer.close))
 
     def _segments_for(self, ref: Reference, remaining: int) -> int:
         """How many ranges to fetch a blob's ``remaining`` bytes in, at once.
@@ -271,11 +277,14 @@ class BlobScheduler:
 
     async def _pump(self, ref: Reference, content: aiohttp.StreamReader, writer: BlobWriter,
                     desc: Descriptor, sink: Callable[[list[bytes]], object] | None = None,
-                    on_progress: Callable[[], int] | None = None) -> None:
+                    on_progress: Callable[[], int] | None = None,
+                    keep_tail: bool = False) -> list[bytes]:
         """Read the body and hand it to the writer in batches, one batch in flight.
 
         ``sink`` takes each batch in a worker thread (default: hash and append);
-        ``on_progress`` says how many bytes of the blob are done, for progress events."""
+        ``on_progress`` says how many bytes of the blob are done, for progress events.
+        With ``keep_tail`` the last, partial batch is returned unwritten, for the caller
+        to finish the blob with in one thread hop (a small blob is then one hop)."""
         loop = asyncio.get_running_loop()
         pending: asyncio.Future[None] | None = None
         batch: list[bytes] = []
@@ -304,10 +313,14 @@ class BlobScheduler:
                     batched = 0
             if pending is not None:
                 await asyncio.shield(pending)
+            if keep_tail:
+                tail, batch = batch, []
+                return tail
             if batch:
                 await loop.run_in_executor(self._executor, sink, batch)
                 batch = []
             report(None)
+            return []
         finally:
             # Never let the writer be closed while a worker thread still writes to it.
             while pending is not None and not pending.done():

@@ -289,11 +289,28 @@ class BlobWriter:
             target.parent.mkdir(parents=True, exist_ok=True)
             _real_dir(target.parent)
             os.replace(self._data_path, target)
-            _fsync_dir(target.parent)
         except OSError as exc:
             raise _store_error(exc, f"committing blob {self.digest}") from exc
+        # The rename is made durable by one directory fsync before anything names the
+        # blob (ContentStore.sync, called by update_index), not one per blob.
+        self._store._unsynced_dirs.add(target.parent)
         self.committed = True
         self._remove_dir()
+
+    def finish(self, tail: list[bytes]) -> bool:
+        """Write the last chunks and, if that completes the blob, commit and close: the
+        end of a download in one worker-thread hop. False when bytes are still missing
+        (the writer stays open for a resume)."""
+        self.write_many(tail)
+        if self.offset < self.size:
+            return False
+        self.commit()
+        self.close()
+        return True
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0 and self._lock_fd < 0
 
     def _discard(self) -> None:
         try:
@@ -345,6 +362,7 @@ class ContentStore:
         self._blobs = self.root / "blobs"
         self._ingest = self.root / "ingest"
         self._index = self.root / "index.json"
+        self._unsynced_dirs: set[Path] = set()  # see BlobWriter.commit and sync()
 
     # -- setup -------------------------------------------------------------------------
 
@@ -578,8 +596,20 @@ class ContentStore:
             raise StoreError(f"{self._index} is not a valid OCI index: {exc}") from exc
         return [e for e in entries if isinstance(e, dict)]
 
+    def sync(self) -> None:
+        """fsync the blob directories that gained entries, so every committed blob
+        survives a power cut before an index entry can name it."""
+        while self._unsynced_dirs:
+            d = self._unsynced_dirs.pop()
+            try:
+                _fsync_dir(d)
+            except OSError as exc:
+                self._unsynced_dirs.add(d)
+                raise _store_error(exc, f"syncing {d}") from exc
+
     def update_index(self, change: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]) -> None:
         """Apply ``change`` to the index entries under the inter-process lock, atomically."""
+        self.sync()
         try:
             with self._index_lock():
                 _write_atomic(self._index, self._dump_index(change(self.read_index())))
