@@ -54,7 +54,7 @@ RUN_TIMEOUT = 600.0  # seconds, per run (all of a run's commands); the child tre
 # cache lives under .work, not in the source tree. The untimed warm-up runs fill it.
 TOOL_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 TOOL_ENV["PYTHONPYCACHEPREFIX"] = str(WORK / "pycache")
-ALL_SCENARIOS = ["large", "small", "shared", "warm", "huge", "sweep", "wan"]
+ALL_SCENARIOS = ["large", "small", "shared", "warm", "huge", "sweep", "wan", "wan1"]
 SWEEP = [1, 2, 4, 8, 16, 32]
 
 
@@ -66,10 +66,10 @@ def sizes(quick: bool) -> dict:
     if quick:
         return {"large": [8 * MiB] * 8, "small": [256 * KiB] * 30,
                 "shared_base": [4 * MiB, 3 * MiB, 2 * MiB], "shared_own": [1 * MiB, 1 * MiB],
-                "huge": [256 * MiB]}
+                "huge": [256 * MiB], "single": [64 * MiB]}
     return {"large": [64 * MiB] * 8, "small": [256 * KiB] * 100,
             "shared_base": [16 * MiB, 12 * MiB, 8 * MiB], "shared_own": [3 * MiB, 2 * MiB],
-            "huge": [1024 * MiB]}
+            "huge": [1024 * MiB], "single": [256 * MiB]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -201,6 +201,12 @@ def puller_cmds(ctx: Ctx, dest: Path) -> list[list[str]]:
     return [argv + [ctx.ref(i) for i in ctx.images]]
 
 
+def puller_one_stream_cmds(ctx: Ctx, dest: Path) -> list[list[str]]:
+    """puller with parallel byte ranges turned off: one connection per blob."""
+    return [cmd[:-len(ctx.images)] + ["--segments", "1"] + cmd[-len(ctx.images):]
+            for cmd in puller_cmds(ctx, dest)]
+
+
 def puller_verify(ctx: Ctx, dest: Path, m: Measured, mode: str) -> str | None:
     return _check_pinned(ctx, m.stdout) or _check_layout(ctx, dest, mode)
 
@@ -256,6 +262,8 @@ def dxf_cmds(ctx: Ctx, dest: Path) -> list[list[str]]:
 TOOLS = {
     "puller": Tool("puller", puller_cmds, puller_verify,
                    "one `puller pull -q` process for all refs of the scenario"),
+    "puller-1stream": Tool("puller", puller_one_stream_cmds, puller_verify,
+                           "puller with --segments 1 (one connection per blob)"),
     "skopeo": Tool("skopeo", skopeo_cmds, skopeo_verify,
                    "`skopeo copy` to one OCI layout; one process per image, run sequentially"),
     "skopeo-sync": Tool("skopeo-sync", sync_cmds, sync_verify,
@@ -336,6 +344,8 @@ class Bench:
             imgs = [seed.Image("bench/shared", f"s{k}",
                                base + self.layers(3100 + 10 * k, self.sz["shared_own"]))
                     for k in range(5)]
+        elif name == "single":
+            imgs = [seed.Image("bench/single", "v1", self.layers(5000, self.sz["single"]))]
         elif name == "huge":
             # not cached: built, pushed and deleted (disk), size-suffixed so quick != full
             imgs = [seed.Image("bench/huge", "v1", self.layers(4000, self.sz["huge"], cache=False))]
@@ -446,6 +456,18 @@ class Bench:
                             imgs, base_tools, via_proxy=True,
                             notes=["the proxy is a Python/aiohttp process on the same 2 cores; "
                                    "its CPU is not counted in any tool's CPU"])
+        if name == "wan1":
+            imgs = self.image_set("single")
+            self.start_proxy()
+            tools = [base_tools[0], ("puller 1 stream", TOOLS["puller-1stream"], None)]
+            tools += base_tools[1:]
+            return Scenario(name, f"one {sz['single'][0] // MiB} MiB layer through the WAN-like "
+                            f"proxy (+{self.args.wan_latency * 1000:.0f} ms/request, "
+                            f"{self.args.wan_rate / 1e6:.0f} MB/s per connection)",
+                            imgs, tools, via_proxy=True,
+                            notes=["`puller` fetches the layer as parallel byte ranges (its "
+                                   "default, --segments 4); `puller 1 stream` is the same with "
+                                   "--segments 1"])
         raise ValueError(name)
 
     # -- running ------------------------------------------------------------------------------

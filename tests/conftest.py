@@ -6,18 +6,11 @@ from __future__ import annotations
 import itertools
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
-# tests/ has no __init__.py, so pytest puts tests/ (not the repo root) on sys.path; make
-# ``tests.support`` importable however pytest is invoked (pyproject `pythonpath = ["."]` would
-# do the same).
-_ROOT = str(Path(__file__).resolve().parent.parent)
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
+# ``tests.support`` is importable because pyproject sets pytest's pythonpath to the root.
 from tests.support.images import FIXTURES, fixtures_available
 from tests.support.proxy import FaultProxy
 from tests.support.registry import REGISTRY_BIN, Registry, registry_binary

@@ -331,7 +331,11 @@ async def test_many_blobs_keep_one_stream_each(registry, proxy, unique_repo, sto
     img = build_image(seed=62, layer_sizes=[3_000_000] * 8)
     push(registry.url, unique_repo, "many", img)
     await pull(store_dir, f"{proxy.host}/{unique_repo}:many", concurrency=4, **SEGMENTED)
-    assert all(q["range"] is None for q in proxy.blob_requests())
+    # While more blobs wait than there are slots, each gets one stream; only the last few
+    # (at most concurrency - 1, once slots fall idle) may be split.
+    split = {q["path"] for q in proxy.blob_requests() if q["range"]}
+    assert len(split) <= 3
+    assert len(proxy.blob_requests()) - sum(1 for q in proxy.blob_requests() if q["range"]) >= 6
 
 
 async def test_ranges_ignored_falls_back_to_one_stream(registry, proxy, unique_repo, store_dir):
