@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -297,7 +298,9 @@ class Puller:
             if d is not None:
                 await self._run(self.store.put, d.digest, data)
         await self._run(self.store.put, top.digest, top.data)
-        entry = {"mediaType": top_type, "digest": str(top.digest), "size": len(top.data)}
+        pulled_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        entry = {"mediaType": top_type, "digest": str(top.digest), "size": len(top.data),
+                 "annotations": {"io.puller.pulled-at": pulled_at}}
         await self._run(self.store.set_ref, name, entry)
 
         up_to_date = (fetched_count == 0 and previous is not None

@@ -10,6 +10,8 @@ command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
 command -v skopeo >/dev/null 2>&1 || need+=(skopeo)
 command -v umoci >/dev/null 2>&1 || need+=(umoci)
 command -v make >/dev/null 2>&1 || need+=(make)
+# docker's daemon is an oracle for `save` and `serve` tests (they skip without it).
+command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   echo "bootstrap: installing system packages: ${need[*]}" >&2
