@@ -654,6 +654,284 @@ class RegistryClient:
                 raise err
         raise TransportError(f"{ref.api_host} sent an unusable Content-Range for {digest}")
 
+    # -- pushing (used by puller.push: push, copy, mirror) -------------------------------
+
+    @staticmethod
+    def push_scope(ref: Reference, mount_from: str | None = None) -> str:
+        """Token scope for writing to ``ref``'s repository (and reading ``mount_from``)."""
+        scope = f"repository:{ref.repository}:pull,push"
+        if mount_from and mount_from != ref.repository:
+            scope += f" repository:{mount_from}:pull"
+        return scope
+
+    def _note_rate_limit(self, host: str, headers: Any) -> None:
+        """Remember Docker Hub's ``RateLimit-Remaining`` / ``RateLimit-Limit`` (``N;w=S``)."""
+        remaining = _rate_value(headers.get("RateLimit-Remaining"))
+        if remaining is None:
+            return
+        limit = _rate_value(headers.get("RateLimit-Limit"))
+        table = self.__dict__.setdefault("_rate_limits", {})
+        table[host] = (remaining[0], limit[0] if limit else None,
+                       remaining[1] or (limit[1] if limit else None))
+
+    def rate_limit(self, ref: Reference) -> tuple[int, int | None, int | None] | None:
+        """The last ``(remaining, limit, window_seconds)`` the registry announced, if any."""
+        return self.__dict__.get("_rate_limits", {}).get(ref.api_host)
+
+    def _upload_path(self, ref: Reference, location: str) -> str:
+        """An upload ``Location`` (absolute or relative) as a path on the registry host."""
+        parts = urlsplit(location)
+        if parts.netloc and parts.netloc != ref.api_host:
+            raise RegistryError(f"{ref.api_host} wants the upload sent to another host "
+                                f"({parts.netloc}); not supported")
+        if not parts.path.startswith("/"):
+            raise RegistryError(f"{ref.api_host} sent an unusable upload location")
+        return parts.path + (f"?{parts.query}" if parts.query else "")
+
+    async def head_manifest(self, ref: Reference, identifier: str | None = None
+                            ) -> tuple[Digest, int | None, str | None] | None:
+        """``HEAD`` a manifest: ``(digest, size, media type)``, or None when it is absent.
+
+        Costs no pull on Docker Hub. Raises when the registry sends no digest header
+        (the caller then GETs)."""
+        ident = identifier or ref.identifier
+        what = f"checking manifest {ref.name}{'@' if ':' in ident else ':'}{ident}"
+
+        async def attempt() -> tuple[Digest, int | None, str | None] | None:
+            async with self._request("HEAD", ref, f"/v2/{ref.repository}/manifests/{ident}",
+                                     what=what, headers={"Accept": ACCEPT}) as resp:
+                self._note_rate_limit(ref.api_host, resp.headers)
+                if resp.status == 404:
+                    return None
+                if resp.status != 200:
+                    raise await self._error_for(resp, ref.api_host, what)
+                header = resp.headers.get("Docker-Content-Digest")
+                if not header:
+                    raise RegistryError(f"{ref.api_host} sent no Docker-Content-Digest while "
+                                        f"{what}")
+                try:
+                    digest = Digest.parse(header.strip())
+                except InvalidDigest as exc:
+                    raise RegistryError(f"{ref.api_host} sent a bad digest while {what}") \
+                        from exc
+                ctype = resp.headers.get("Content-Type")
+                return (digest, resp.content_length,
+                        ctype.split(";", 1)[0].strip() if ctype else None)
+
+        return await self._with_retries(what, attempt)
+
+    async def put_manifest(self, ref: Reference, identifier: str, data: bytes,
+                           media_type: str) -> Digest:
+        """``PUT`` manifest bytes exactly as given; returns their digest (checked against
+        what the registry says it stored)."""
+        digest = Digest.from_bytes(data, "sha256")
+        what = f"pushing manifest {ref.name}{'@' if ':' in identifier else ':'}{identifier}"
+
+        async def attempt() -> Digest:
+            async with self._request("PUT", ref, f"/v2/{ref.repository}/manifests/{identifier}",
+                                     what=what, headers={"Content-Type": media_type},
+                                     scope=self.push_scope(ref), data=data) as resp:
+                if resp.status not in (200, 201, 202):
+                    raise await self._error_for(resp, ref.api_host, what)
+                header = resp.headers.get("Docker-Content-Digest")
+            if header and header.strip() != str(digest):
+                raise _permanent(DigestMismatch(
+                    f"{ref.api_host} stored manifest {identifier} of {ref.name} as "
+                    f"{header.strip()}, not {digest}"))
+            return digest
+
+        return await self._with_retries(what, attempt)
+
+    async def blob_exists(self, ref: Reference, digest: Digest, *,
+                          scope: str | None = None) -> int | None:
+        """``HEAD`` a blob in ``ref``'s repository: its size, or None when absent."""
+        what = f"checking blob {digest} in {ref.name}"
+
+        async def attempt() -> int | None:
+            async with self._request("HEAD", ref, f"/v2/{ref.repository}/blobs/{digest}",
+                                     what=what, scope=scope) as resp:
+                if resp.status == 404:
+                    return None
+                if resp.status != 200:
+                    raise await self._error_for(resp, ref.api_host, what)
+                length = resp.headers.get("Content-Length")
+                return int(length) if length and length.isdigit() else -1
+
+        return await self._with_retries(what, attempt)
+
+    async def mount_blob(self, ref: Reference, digest: Digest, from_repo: str) -> str | None:
+        """Cross-repository mount (``POST ?mount=&from=``). None when mounted; otherwise
+        the location of the upload the registry started instead."""
+        what = f"mounting blob {digest} from {from_repo} into {ref.name}"
+        path = (f"/v2/{ref.repository}/blobs/uploads/?"
+                f"{urlencode([('mount', str(digest)), ('from', from_repo)])}")
+
+        async def attempt() -> str | None:
+            async with self._request("POST", ref, path, what=what,
+                                     scope=self.push_scope(ref, from_repo),
+                                     headers={"Content-Length": "0"}) as resp:
+                if resp.status == 201:
+                    return None
+                if resp.status == 202 and resp.headers.get("Location"):
+                    return resp.headers["Location"]
+                raise await self._error_for(resp, ref.api_host, what)
+
+        return await self._with_retries(what, attempt)
+
+    async def start_upload(self, ref: Reference) -> str:
+        """``POST`` a new upload (no body: any auth challenge is answered here, so the
+        streamed bodies that follow are never needed twice). Returns its location."""
+        what = f"starting an upload to {ref.name}"
+
+        async def attempt() -> str:
+            async with self._request("POST", ref, f"/v2/{ref.repository}/blobs/uploads/",
+                                     what=what, scope=self.push_scope(ref),
+                                     headers={"Content-Length": "0"}) as resp:
+                if resp.status == 202 and resp.headers.get("Location"):
+                    return resp.headers["Location"]
+                raise await self._error_for(resp, ref.api_host, what)
+
+        return await self._with_retries(what, attempt)
+
+    async def upload_chunk(self, ref: Reference, location: str, body: Any, start: int,
+                           length: int) -> tuple[str, int]:
+        """``PATCH`` ``length`` bytes at ``start``; returns (next location, bytes the
+        registry now holds). Not retried here: the caller asks :meth:`upload_status`."""
+        what = f"uploading to {ref.name}"
+        headers = {"Content-Type": "application/octet-stream",
+                   "Content-Length": str(length),
+                   "Content-Range": f"{start}-{start + length - 1}"}
+        async with self._request("PATCH", ref, self._upload_path(ref, location), what=what,
+                                 scope=self.push_scope(ref), headers=headers,
+                                 data=body) as resp:
+            if resp.status != 202:
+                raise await self._error_for(resp, ref.api_host, what)
+            held = _upload_range(resp.headers.get("Range"))
+            return resp.headers.get("Location") or location, \
+                start + length if held is None else held
+
+    async def finish_upload(self, ref: Reference, location: str, digest: Digest,
+                            body: Any = None, length: int = 0) -> None:
+        """``PUT ?digest=``, with the remaining ``length`` bytes as ``body`` (or none)."""
+        what = f"finishing the upload of {digest} to {ref.name}"
+        path = self._upload_path(ref, location)
+        path += ("&" if "?" in path else "?") + urlencode([("digest", str(digest))])
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(length)}
+        async with self._request("PUT", ref, path, what=what, scope=self.push_scope(ref),
+                                 headers=headers, data=body if length else None) as resp:
+            if resp.status not in (201, 204):
+                err = await self._error_for(resp, ref.api_host, what)
+                if err.code in ("DIGEST_INVALID", "SIZE_INVALID"):
+                    err = DigestMismatch(f"{ref.api_host} refused blob {digest}: the bytes "
+                                         f"sent do not hash to it")
+                raise err
+
+    async def upload_status(self, ref: Reference, location: str) -> tuple[str, int]:
+        """``GET`` an upload's status: (location to continue at, bytes the registry holds).
+        Raises NotFound when the registry has forgotten (or refuses to resume) it."""
+        what = f"asking for the status of an upload to {ref.name}"
+        async with self._request("GET", ref, self._upload_path(ref, location), what=what,
+                                 scope=self.push_scope(ref)) as resp:
+            if resp.status not in (200, 204):
+                raise await self._error_for(resp, ref.api_host, what)
+            held = _upload_range(resp.headers.get("Range"))
+            return resp.headers.get("Location") or location, held or 0
+
+    async def cancel_upload(self, ref: Reference, location: str) -> None:
+        """``DELETE`` an upload we won't finish (best effort)."""
+        try:
+            async with self._request("DELETE", ref, self._upload_path(ref, location),
+                                     what="cancelling an upload", scope=self.push_scope(ref)):
+                pass
+        except PullerError:
+            pass
+
+    async def list_tags(self, ref: Reference, *, page_size: int = 1000,
+                        max_pages: int = 1000) -> list[str]:
+        """Every tag of ``ref``'s repository (``/v2/<name>/tags/list``, following
+        ``Link: <...>; rel="next"`` pagination)."""
+        what = f"listing tags of {ref.name}"
+        path: str | None = f"/v2/{ref.repository}/tags/list?n={page_size}"
+        tags: list[str] = []
+        seen: set[str] = set()
+        for _ in range(max_pages):
+            if path is None:
+                return tags
+            current = path
+
+            async def attempt(current: str = current) -> tuple[list[str], str | None]:
+                async with self._request("GET", ref, current, what=what) as resp:
+                    if resp.status != 200:
+                        err = await self._error_for(resp, ref.api_host, what)
+                        if isinstance(err, NotFound):
+                            err = NotFound(f"repository {ref.name} not found", status=404,
+                                           host=ref.api_host, code=err.code)
+                        raise err
+                    body = await resp.content.read(MAX_MANIFEST_SIZE + 1)
+                    link = resp.headers.get("Link")
+                try:
+                    doc = json.loads(body)
+                    page = doc.get("tags") or []
+                    if not isinstance(page, list) or not all(isinstance(t, str) for t in page):
+                        raise ValueError("tags is not a list of strings")
+                except (ValueError, AttributeError) as exc:
+                    raise RegistryError(f"{ref.api_host} sent an unreadable tag list for "
+                                        f"{ref.name}") from exc
+                return page, _next_link(link, ref)
+
+            page, path = await self._with_retries(what, attempt)
+            for t in page:
+                if t not in seen:
+                    seen.add(t)
+                    tags.append(t)
+            if path == current:
+                break
+        return tags
+
+
+def _rate_value(value: str | None) -> tuple[int, int | None] | None:
+    """``"76;w=21600"`` -> (76, 21600)."""
+    if not value:
+        return None
+    head, _, rest = value.partition(";")
+    try:
+        n = int(head.strip().split(",")[0])
+    except ValueError:
+        return None
+    window = None
+    m = re.search(r"w\s*=\s*(\d+)", rest)
+    if m:
+        window = int(m.group(1))
+    return n, window
+
+
+def _upload_range(value: str | None) -> int | None:
+    """An upload's ``Range: 0-N`` header as the number of bytes held (N + 1)."""
+    if not value:
+        return None
+    m = re.match(r"^\s*(?:bytes[ =])?0-(\d+)\s*$", value)
+    if not m:
+        return None
+    end = int(m.group(1))
+    # distribution says "0-0" for an empty upload too; a 1-byte upload is never resumed.
+    return 0 if end == 0 else end + 1
+
+
+def _next_link(link: str | None, ref: Reference) -> str | None:
+    """The path of a ``Link: </v2/...?...>; rel="next"`` header on the registry host."""
+    if not link:
+        return None
+    for part in link.split(","):
+        m = re.match(r'\s*<([^>]+)>\s*;(.*)$', part)
+        if m and re.search(r'rel="?next"?', m.group(2)):
+            parts = urlsplit(m.group(1))
+            if parts.netloc and parts.netloc != ref.api_host:
+                return None
+            if not parts.path.startswith("/v2/"):
+                return None
+            return parts.path + (f"?{parts.query}" if parts.query else "")
+    return None
+
 
 class RangeNotHonoured(TransportError):
     """The registry did not answer a segment request with exactly that segment."""
