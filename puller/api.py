@@ -142,8 +142,12 @@ class Puller:
         finally:
             self._client = None
             if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
+                executor, self._executor = self._executor, None
+                # Wait for the worker threads without blocking the loop: results they
+                # deliver meanwhile (a lock taken for a download that was cancelled) are
+                # handled by callbacks that need the loop, and must run before we return.
+                await asyncio.shield(asyncio.to_thread(executor.shutdown, wait=True))
+                await asyncio.sleep(0)
 
     def _emit(self, event: Event) -> None:
         if self._listener is not None:

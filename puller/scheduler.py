@@ -143,7 +143,14 @@ class BlobScheduler:
         while True:
             if self._store.has(desc.digest, desc.size):
                 return None
-            writer = await self._run(lambda: self._store.ingest(desc.digest, desc.size, wait=False))
+            opening = asyncio.get_running_loop().run_in_executor(
+                self._executor, lambda: self._store.ingest(desc.digest, desc.size, wait=False))
+            try:
+                writer = await asyncio.shield(opening)
+            except asyncio.CancelledError:
+                # The thread goes on and may take the lock: release it when it does.
+                opening.add_done_callback(_close_opened)
+                raise
             if writer is not None:
                 assert isinstance(writer, BlobWriter)
                 return writer
@@ -341,6 +348,11 @@ class BlobScheduler:
     def _progress(self, d: Digest, digest: str, complete: int, total: int) -> None:
         self._notify(d, lambda im: BlobProgress(ref=im, digest=digest, complete=complete,
                                                 total=total))
+
+
+def _close_opened(fut: asyncio.Future[BlobWriter | None]) -> None:
+    if not fut.cancelled() and fut.exception() is None and fut.result() is not None:
+        fut.result().close()  # type: ignore[union-attr]
 
 
 class _Partial(Exception):

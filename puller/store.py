@@ -430,12 +430,20 @@ class ContentStore:
         returns: the other process may have committed the blob meanwhile.
         """
         directory = self._ingest / f"{digest.algorithm}-{digest.hex}"
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            _real_dir(directory)
-            lock_fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        except OSError as exc:
-            raise _store_error(exc, f"preparing download of {digest}") from exc
+        for attempt in range(100):
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                _real_dir(directory)
+                lock_fd = os.open(directory / "lock",
+                                  os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+                break
+            except FileNotFoundError as exc:
+                # A writer that just committed removed the entry between our mkdir and
+                # open: make it again.
+                if attempt == 99:
+                    raise _store_error(exc, f"preparing download of {digest}") from exc
+            except OSError as exc:
+                raise _store_error(exc, f"preparing download of {digest}") from exc
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
