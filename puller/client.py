@@ -1,13 +1,14 @@
 """The registry client: the one place puller talks to the network.
 
-:class:`RegistryClient` owns the aiohttp ``ClientSession`` and with it the connection
-limits, the auth handshake (see :mod:`puller.auth`), redirects, retries of small
-requests, and the mapping of every HTTP and socket failure into :mod:`puller.errors`.
-It hands out manifests as verified bytes and blobs as open streams; it never writes to
-disk.
+:class:`RegistryClient` owns a transport (:mod:`puller.transport`; aiohttp's pooled
+session for the engine) and with it the connection limits, the auth handshake (see
+:mod:`puller.auth`), redirects, retries of small requests, and the mapping of every
+HTTP and socket failure into :mod:`puller.errors`. It hands out manifests as verified
+bytes and blobs as open streams; it never writes to disk.
 
-Registries on loopback (``localhost``, 127.0.0.0/8, ``::1``) are spoken to over plain
-HTTP, as docker does; every other registry over HTTPS with certificate verification.
+Registries on loopback (``localhost``, 127.0.0.0/8, ``::1``) are spoken to as docker
+does: HTTPS without verification if they speak it, else plain HTTP; every other
+registry over HTTPS with certificate verification.
 """
 
 from __future__ import annotations
@@ -18,16 +19,12 @@ import ipaddress
 import json
 import os
 import random
-import socket
 import ssl
 import re
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 from urllib.parse import urlencode, urljoin, urlsplit
-
-import aiohttp
-import aiohttp.abc
 
 from . import __version__
 from .auth import Challenge, Token, parse_challenges, parse_token_response, pull_scope
@@ -50,6 +47,7 @@ from .manifest import MAX_MANIFEST_SIZE
 from .mediatypes import ACCEPT
 from .reference import Reference
 from .tls import is_loopback_host, make_ssl_context
+from .transport import Transport
 
 __all__ = ["ClientOptions", "RegistryClient", "FetchedManifest", "BlobStream", "retry_delay",
            "RangeNotHonoured", "DEFAULT_CREDENTIALS"]
@@ -121,9 +119,9 @@ class BlobStream:
     """An open blob response. ``start`` is the offset of its first byte: the requested
     offset for a ``206``, or 0 when the server ignored the Range and sent everything."""
 
-    response: aiohttp.ClientResponse
+    response: Any
     start: int
-    content: aiohttp.StreamReader = field(init=False)
+    content: Any = field(init=False)  # await readany() / read(n)
 
     def __post_init__(self) -> None:
         self.content = self.response.content
@@ -149,6 +147,17 @@ def _parse_retry_after(value: str | None) -> float | None:
     return max(0.0, (when - _dt.datetime.now(_dt.timezone.utc)).total_seconds())
 
 
+async def _read_bounded(content: Any, limit: int) -> bytes:
+    """The whole body, up to ``limit`` bytes (a stream's read(n) may return less)."""
+    data = b""
+    while len(data) < limit:
+        more = await content.read(limit - len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
 def _permanent(err: PullerError) -> PullerError:
     """A registry that serves wrong manifest bytes won't serve right ones a second later."""
     err.retryable = False
@@ -158,26 +167,6 @@ def _permanent(err: PullerError) -> PullerError:
 def _same_origin(a: str, b: str) -> bool:
     sa, sb = urlsplit(a), urlsplit(b)
     return (sa.scheme, sa.hostname, sa.port) == (sb.scheme, sb.hostname, sb.port)
-
-
-class _Hosts(aiohttp.abc.AbstractResolver):
-    """Resolves the names given in ``add_hosts`` without DNS; others as usual."""
-
-    def __init__(self, table: dict[str, str]) -> None:
-        self._table = table
-        self._default = aiohttp.ThreadedResolver()
-
-    async def resolve(self, host: str, port: int = 0,
-                      family: int = socket.AF_INET) -> list[dict[str, Any]]:
-        address = self._table.get(host)
-        if address is None:
-            return await self._default.resolve(host, port, family)
-        fam = socket.AF_INET6 if ":" in address else socket.AF_INET
-        return [{"hostname": host, "host": address, "port": port, "family": fam,
-                 "proto": 0, "flags": socket.AI_NUMERICHOST}]
-
-    async def close(self) -> None:
-        await self._default.close()
 
 
 # Marker for "docker's config.json and credential helpers" (the default everywhere).
@@ -193,11 +182,15 @@ class RegistryClient:
     """
 
     def __init__(self, options: ClientOptions | None = None, *,
-                 credentials: Any = DEFAULT_CREDENTIALS) -> None:
+                 credentials: Any = DEFAULT_CREDENTIALS,
+                 transport: Transport | None = None) -> None:
+        """``transport``: how requests are sent; by default aiohttp
+        (:class:`puller.aio.AiohttpTransport`), created on entry."""
         self.options = options or ClientOptions()
+        self._transport = transport
         self._credentials = DockerConfig() if credentials is DEFAULT_CREDENTIALS else credentials
         self._creds_cache: dict[str, Credentials | None] = {}
-        self._session: aiohttp.ClientSession | None = None
+        self._open = False
         self._tokens: dict[tuple[str, str], Token] = {}
         self._token_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._challenges: dict[str, Challenge] = {}  # host -> last challenge it sent
@@ -210,30 +203,24 @@ class RegistryClient:
         self._insecure.update(h.strip() for h in env.split(",") if h.strip())
 
     async def __aenter__(self) -> RegistryClient:
-        o = self.options
-        connector = aiohttp.TCPConnector(
-            limit=o.max_connections,
-            limit_per_host=o.max_connections_per_host,
-            ttl_dns_cache=300,
-            enable_cleanup_closed=False,
-            resolver=_Hosts(dict(o.add_hosts)) if o.add_hosts else None,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=o.connect_timeout,
-                                          sock_read=o.stall_timeout),
-            auto_decompress=False,  # blobs are hashed as sent; never inflate them
-            read_bufsize=o.read_buffer,
-            headers={"User-Agent": o.user_agent},
-            raise_for_status=False,
-            trust_env=True,
-        )
+        if self._transport is None:
+            from .aio import AiohttpTransport
+
+            self._transport = AiohttpTransport(self.options)
+        await self._transport.open()
+        self._open = True
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._open and self._transport is not None:
+            self._open = False
+            await self._transport.close()
+
+    @property
+    def transport_errors(self) -> tuple[type[BaseException], ...]:
+        """Exception types that mean the network failed (see :meth:`map_transport`)."""
+        assert self._transport is not None
+        return self._transport.errors
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -273,36 +260,11 @@ class RegistryClient:
                 await asyncio.sleep(delay)
 
     def map_transport(self, exc: BaseException, host: str, what: str) -> PullerError:
-        if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-            reason = getattr(exc.certificate_error, "verify_message", None) or "not trusted"
-            err = TransportError(
-                f"TLS certificate of {host} could not be verified ({reason}) while {what}; "
-                f"trust its CA with --ca-cert FILE or /etc/docker/certs.d/{host}/ca.crt, "
-                f"or allow it with --insecure-registry {host}")
-            err.retryable = False
-            return err
-        if isinstance(exc, aiohttp.ClientSSLError):
-            err = TransportError(f"TLS handshake with {host} failed while {what}: "
-                                 f"{getattr(exc, 'strerror', None) or type(exc).__name__}")
-            err.retryable = False
-            return err
-        if isinstance(exc, aiohttp.ClientConnectorError):
-            return TransportError(f"cannot connect to {host} while {what}: "
-                                  f"{exc.os_error.strerror or exc.os_error}")
-        if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
-            return TransportError(f"{host} stopped answering while {what} (timed out)")
-        if isinstance(exc, aiohttp.ClientPayloadError):
-            return TransportError(f"connection to {host} broke while {what}")
-        if isinstance(exc, aiohttp.ServerDisconnectedError):
-            return TransportError(f"{host} closed the connection while {what}")
-        if isinstance(exc, aiohttp.InvalidURL):
-            err = TransportError(f"invalid URL for {host} while {what}")
-            err.retryable = False
-            return err
-        return TransportError(f"network error talking to {host} while {what}: "
-                              f"{type(exc).__name__}")
+        """Turn a transport's exception into a one-line :class:`PullerError`."""
+        assert self._transport is not None
+        return self._transport.classify(exc, host, what)
 
-    async def _error_for(self, resp: aiohttp.ClientResponse, host: str, what: str) -> PullerError:
+    async def _error_for(self, resp: Any, host: str, what: str) -> PullerError:
         """Map an error status into an exception; reads a bounded part of the body."""
         code = detail = None
         try:
@@ -314,7 +276,7 @@ class RegistryClient:
                     code = first.get("code") if isinstance(first.get("code"), str) else None
                     msg = first.get("message")
                     detail = msg if isinstance(msg, str) else None
-        except (ValueError, aiohttp.ClientError, asyncio.TimeoutError):
+        except (ValueError, *self.transport_errors):
             pass
         status = resp.status
         reason = f": {detail[:200]}" if detail else ""
@@ -375,18 +337,19 @@ class RegistryClient:
         creds = await self._creds(ref.registry)
         realm_host = parts.netloc
         what = f"getting a token for {scope or 'login'}"
-        ssl_ctx = self._ssl_for(realm_host) if parts.scheme == "https" else False
+        ssl_ctx = self._ssl_for(realm_host) if parts.scheme == "https" else None
 
         async def attempt() -> Token:
-            assert self._session is not None
+            assert self._transport is not None
             headers: dict[str, str] = {}
             try:
                 if creds is not None and creds.identity_token:
                     form = {"grant_type": "refresh_token", "refresh_token": creds.identity_token,
                             "client_id": "puller", "service": service, "scope": scope}
                     # (OAuth takes several scopes space-separated in one field.)
-                    req = self._session.post(realm, data={k: v for k, v in form.items() if v},
-                                             ssl=ssl_ctx, allow_redirects=False)
+                    req = self._transport.request(
+                        "POST", realm, headers=headers, ssl_context=ssl_ctx,
+                        data={k: v for k, v in form.items() if v})
                 else:
                     # Several scopes (push to one repository, mount from another) go as
                     # repeated scope parameters, as the token spec says.
@@ -396,9 +359,10 @@ class RegistryClient:
                     if creds is not None and creds.username:
                         headers["Authorization"] = creds.basic()
                         self._sent_credentials.add(host)
-                    req = self._session.get(url, headers=headers, ssl=ssl_ctx,
-                                            allow_redirects=False)
-                async with req as resp:
+                    req = self._transport.request("GET", url, headers=headers,
+                                                  ssl_context=ssl_ctx)
+                resp = await req
+                try:
                     if resp.status != 200:
                         if resp.status in (401, 403) and creds is not None:
                             self._sent_credentials.add(host)
@@ -409,10 +373,12 @@ class RegistryClient:
                                 f"{realm_host} refused the saved credentials (run `{login}`)",
                                 status=resp.status, host=host)
                         raise await self._error_for(resp, realm_host, what)
-                    body = await resp.content.read(_ERROR_BODY_LIMIT * 4)
+                    body = await _read_bounded(resp.content, _ERROR_BODY_LIMIT * 4)
+                finally:
+                    resp.release()
             except PullerError:
                 raise
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            except self.transport_errors as exc:
                 raise self.map_transport(exc, realm_host, what) from exc
             try:
                 return parse_token_response(body)
@@ -431,7 +397,7 @@ class RegistryClient:
             return {}
         return {"Authorization": f"Bearer {await self._token(ref, challenge, scope)}"}
 
-    async def _answer_challenge(self, ref: Reference, resp: aiohttp.ClientResponse,
+    async def _answer_challenge(self, ref: Reference, resp: Any,
                                 sent: dict[str, str], scope: str) -> bool:
         """After a 401: learn what the registry wants. True when a retry can succeed."""
         host = ref.api_host
@@ -460,7 +426,7 @@ class RegistryClient:
     async def _request(self, method: str, ref: Reference, path: str, *, what: str,
                        headers: dict[str, str] | None = None,
                        scope: str | None = None,
-                       data: Any = None) -> AsyncIterator[aiohttp.ClientResponse]:
+                       data: Any = None) -> AsyncIterator[Any]:
         """One request to the registry with auth, TLS and redirects handled.
 
         Yields the final response (any status); the caller maps error statuses. The
@@ -469,7 +435,8 @@ class RegistryClient:
         ``repository:a:pull,push repository:b:pull``). A ``data`` body must be bytes (it
         may be sent twice: once more after an auth challenge).
         """
-        assert self._session is not None, "RegistryClient used outside `async with`"
+        assert self._open and self._transport is not None, \
+            "RegistryClient used outside `async with`"
         host = ref.api_host
         scope = pull_scope(ref.repository) if scope is None else scope
         base_headers = dict(headers or {})
@@ -479,7 +446,7 @@ class RegistryClient:
             origin = f"{scheme}://{host}{path}"
             auth = await self._auth_header(ref, scope)
             target = origin
-            resp: aiohttp.ClientResponse | None = None
+            resp: Any = None
             try:
                 for _ in range(_MAX_REDIRECTS + 1):
                     h = dict(base_headers)
@@ -487,9 +454,9 @@ class RegistryClient:
                         h.update(auth)
                     target_host = urlsplit(target).netloc
                     ssl_ctx = self._ssl_for(target_host) if target.startswith("https:") \
-                        else False
-                    resp = await self._session.request(method, target, headers=h, ssl=ssl_ctx,
-                                                       data=data, allow_redirects=False)
+                        else None
+                    resp = await self._transport.request(method, target, headers=h,
+                                                         ssl_context=ssl_ctx, data=data)
                     if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
                         target = urljoin(target, resp.headers["Location"])
                         resp.release()
@@ -500,11 +467,9 @@ class RegistryClient:
                     raise TransportError(f"too many redirects from {host} while {what}")
             except PullerError:
                 raise
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+            except (*self._transport.errors, ValueError) as exc:
                 if (scheme == "https" and self._schemes.get(host) != "https"
-                        and self._relaxed(host)
-                        and isinstance(exc, (aiohttp.ClientSSLError, aiohttp.ClientOSError,
-                                             aiohttp.ServerDisconnectedError))):
+                        and self._relaxed(host) and self._transport.tls_mismatch(exc)):
                     # A loopback or insecure registry that doesn't speak TLS: plain HTTP,
                     # as docker does, from now on.
                     self._schemes[host] = "http"
@@ -569,7 +534,7 @@ class RegistryClient:
                         if not more:
                             break
                         data += more
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                except self.transport_errors as exc:
                     raise self.map_transport(exc, ref.api_host, what) from exc
                 if len(data) > MAX_MANIFEST_SIZE:
                     raise ManifestTooLarge(f"manifest of {ref} is over the "

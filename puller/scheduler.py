@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import Executor
-from typing import Callable
+from typing import Any, Callable
 
-import aiohttp
 
 from .client import ClientOptions, RangeNotHonoured, RegistryClient, retry_delay
 from .digest import Digest
@@ -179,7 +178,7 @@ class BlobScheduler:
                 begun = writer.offset
                 try:
                     tail = await self._pump(ref, stream.content, writer, desc, keep_tail=True)
-                except (PullerError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                except (PullerError, *self._client.transport_errors) as exc:
                     err = exc if isinstance(exc, PullerError) else self._client.map_transport(
                         exc, ref.api_host, f"fetching blob {desc.digest}")
                     if isinstance(err, SizeMismatch):  # more bytes than announced
@@ -269,8 +268,7 @@ class BlobScheduler:
                 self._no_ranges.add(ref.api_host)  # from now on one stream per blob
                 retry = TransportError(f"{exc}; fetching {desc.digest} in one stream")
                 raise _Partial(retry, writer.offset - begun) from exc
-            if isinstance(exc, (PullerError, aiohttp.ClientError, asyncio.TimeoutError,
-                                OSError)):
+            if isinstance(exc, (PullerError, *self._client.transport_errors)):
                 err = exc if isinstance(exc, PullerError) else self._client.map_transport(
                     exc, ref.api_host, what)
                 if isinstance(err, SizeMismatch):
@@ -282,7 +280,7 @@ class BlobScheduler:
         await self._run(writer.commit)
         return desc.size - begun
 
-    async def _pump(self, ref: Reference, content: aiohttp.StreamReader, writer: BlobWriter,
+    async def _pump(self, ref: Reference, content: Any, writer: BlobWriter,
                     desc: Descriptor, sink: Callable[[list[bytes]], object] | None = None,
                     on_progress: Callable[[], int] | None = None,
                     keep_tail: bool = False) -> list[bytes]:
