@@ -99,10 +99,12 @@ class Puller:
                  options: PullOptions | None = None,
                  client_options: ClientOptions | None = None,
                  on_event: Listener | None = None,
-                 credentials: Any = DEFAULT_CREDENTIALS) -> None:
+                 credentials: Any = DEFAULT_CREDENTIALS,
+                 transport: Any = None) -> None:
         """``credentials``: where registry logins come from; by default docker's
         ``config.json`` and credential helpers, ``None`` for anonymous access only, or
-        any object with ``get(registry) -> Credentials | None``."""
+        any object with ``get(registry) -> Credentials | None``. ``transport``: see
+        :mod:`puller.transport` (default: aiohttp)."""
         if isinstance(store, ContentStore):
             self.store = store
         else:
@@ -111,6 +113,7 @@ class Puller:
         self._client_options = client_options or ClientOptions()
         self._listener = on_event
         self._credentials = credentials
+        self._transport = transport
         self._client: RegistryClient | None = None
         self._scheduler: BlobScheduler | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -122,7 +125,8 @@ class Puller:
         try:
             await loop.run_in_executor(self._executor, self.store.init)
             self._client = await RegistryClient(self._client_options,
-                                                credentials=self._credentials).__aenter__()
+                                                credentials=self._credentials,
+                                                transport=self._transport).__aenter__()
         except BaseException:
             self._executor.shutdown(wait=True)
             raise
@@ -213,6 +217,73 @@ class Puller:
             if pin is not None:
                 return pin
             await asyncio.sleep(_GC_POLL)
+
+    async def check(self, ref: str | Reference, *, platform: Platform | None = None,
+                    all_platforms: bool | None = None) -> PullResult | None:
+        """The result of pulling ``ref`` if that would download nothing: the registry
+        still names the stored digest (one manifest ``HEAD``; none at all for a digest
+        reference) and every blob the requested platforms need is in the store. None
+        otherwise, or when the registry can't say cheaply; the store is not changed."""
+        if self._client is None:
+            raise RuntimeError("Puller used outside `async with`")
+        if not isinstance(ref, Reference):
+            ref = Reference.parse(ref)
+        name = str(ref)
+        entry = self.store.lookup(name)
+        if entry is None:
+            return None
+        try:
+            stored = Digest.parse(str(entry.get("digest")))
+        except PullerError:
+            return None
+        if ref.digest is None:
+            try:
+                head = await self._client.head_manifest(ref)
+            except PullerError:
+                return None
+            if head is None or head[0] != stored:
+                return None
+        elif ref.digest != stored:
+            return None
+        want = platform or self.options.platform
+        every = self.options.all_platforms if all_platforms is None else all_platforms
+        try:
+            return self._complete(ref, name, stored, want, every)
+        except PullerError:
+            return None
+
+    def _complete(self, ref: Reference, name: str, digest: Digest, want: Platform | None,
+                  all_platforms: bool) -> PullResult | None:
+        """A PullResult for ``digest`` if the store holds all it needs, else None."""
+        if not self.store.has(digest):
+            return None
+        top = parse_manifest(self.store.read(digest, max_size=MAX_MANIFEST_SIZE))
+        if isinstance(top, ImageIndex):
+            pairs: list[tuple[Descriptor | None, Digest]] = [
+                (d, d.digest) for d in self._choose(ref, top, want, all_platforms)]
+        else:
+            pairs = [(None, digest)]
+        images = []
+        seen: set[Digest] = set()
+        for d, manifest_digest in pairs:
+            if not self.store.has(manifest_digest):
+                return None
+            m = parse_manifest(self.store.read(manifest_digest, max_size=MAX_MANIFEST_SIZE))
+            if not isinstance(m, ImageManifest):
+                return None
+            blobs = [m.config] + [x for x in m.layers
+                                  if self.options.include_foreign or not x.urls]
+            if not all(self.store.has(b.digest, b.size) for b in blobs):
+                return None
+            seen.update(b.digest for b in blobs)
+            images.append(ImageResult(
+                manifest_digest=str(manifest_digest), media_type=m.media_type,
+                platform=str(d.platform) if d is not None and d.platform else None,
+                config_digest=str(m.config.digest), layers=tuple(str(x.digest) for x in m.layers),
+                size=sum(b.size for b in blobs)))
+        return PullResult(reference=name, name=ref.name, digest=str(digest),
+                          media_type=top.media_type, images=tuple(images), blobs_fetched=0,
+                          blobs_reused=len(seen), bytes_fetched=0, up_to_date=True)
 
     async def _manifest(self, ref: Reference, digest: Digest | None = None,
                         expect: Descriptor | None = None) -> FetchedManifest:

@@ -49,7 +49,7 @@ def short(digest: str) -> str:
     return digest.split(":")[1][:12]
 
 
-def test_docker_style_output_then_already_exists(image, store_dir, unique_repo):
+def test_docker_style_output_then_already_exists(image, store_dir, unique_repo, registry):
     ref, img = image
     first = run("pull", ref, store=store_dir)
     assert first.returncode == 0, first.stderr
@@ -62,11 +62,22 @@ def test_docker_style_output_then_already_exists(image, store_dir, unique_repo):
                           f"Status: Downloaded newer image for {ref}", ref]
     assert "Traceback" not in first.stderr
 
+    # Up to date: like docker, a header, the digest and the status, no layer lines.
     second = run("pull", ref, store=store_dir)
     assert second.returncode == 0, second.stderr
-    for d in img.layer_digests:
-        assert f"{short(d)}: Already exists" in second.stdout
-    assert f"Status: Image is up to date for {ref}" in second.stdout
+    assert second.stdout.splitlines() == [
+        f"1.0: Pulling from {unique_repo}", f"Digest: {img.digest}",
+        f"Status: Image is up to date for {ref}", ref]
+
+    # Another image on the same base: the shared layers are "Already exists".
+    sibling = build_image(seed=39, layer_sizes=[10_000], base=build_image(
+        seed=31, layer_sizes=[600_000, 20_000]))
+    push(registry.url, unique_repo, "2.0", sibling)
+    third = run("pull", ref.replace(":1.0", ":2.0"), store=store_dir)
+    assert third.returncode == 0, third.stderr
+    for d in sibling.layer_digests[:2]:
+        assert f"{short(d)}: Already exists" in third.stdout
+    assert f"{short(sibling.layer_digests[2])}: Pull complete" in third.stdout
 
 
 def test_quiet_prints_pinned_reference(image, store_dir, registry, unique_repo):
@@ -193,3 +204,61 @@ def test_umoci_unpacks_an_image_from_the_store(registry, unique_repo, store_dir,
     assert u.returncode == 0, u.stderr
     files = sorted(p.name for p in (bundle / "rootfs").iterdir())
     assert files, "umoci unpacked an empty rootfs"
+
+
+WARM_PROBE = """
+import sys
+from puller.cli import main
+code = main(sys.argv[1:])
+print("AIOHTTP-LOADED" if "aiohttp" in sys.modules else "AIOHTTP-NOT-LOADED")
+sys.exit(code)
+"""
+
+
+def probe(*args: str, store: Path) -> subprocess.CompletedProcess:
+    e = {k: v for k, v in os.environ.items() if k != "PULLER_STORE"}
+    return subprocess.run([sys.executable, "-c", WARM_PROBE, *args, "--store", str(store)],
+                          capture_output=True, text=True, timeout=120, env=e)
+
+
+def test_warm_repull_is_one_round_trip_without_the_engine(registry, proxy, unique_repo,
+                                                          store_dir):
+    img = build_image(seed=37, layer_sizes=[40_000, 20_000])
+    push(registry.url, unique_repo, "w", img)
+    ref = f"{proxy.host}/{unique_repo}:w"
+    assert run("pull", "-q", ref, store=store_dir).returncode == 0
+
+    proxy.clear_log()
+    warm = probe("pull", ref, store=store_dir)
+    assert warm.returncode == 0, warm.stderr
+    assert f"Status: Image is up to date for {ref}" in warm.stdout
+    assert "AIOHTTP-NOT-LOADED" in warm.stdout
+    assert [(q["method"], "/manifests/" in q["path"]) for q in proxy.requests] == [("HEAD", True)]
+
+    # The tag moves: the cheap check says no, and the engine pulls the new image.
+    newer = build_image(seed=38, layer_sizes=[30_000], base=img)
+    push(registry.url, unique_repo, "w", newer)
+    moved = probe("pull", "-q", ref, store=store_dir)
+    assert moved.returncode == 0, moved.stderr
+    assert moved.stdout.splitlines()[0].endswith(newer.digest)
+    assert "AIOHTTP-LOADED" in moved.stdout
+
+    # A blob gone from the store: not current, so the engine fetches it again.
+    layer = newer.layer_digests[-1].split(":")[1]
+    (store_dir / "blobs" / "sha256" / layer).unlink()
+    proxy.clear_log()
+    repaired = probe("pull", "-q", ref, store=store_dir)
+    assert repaired.returncode == 0, repaired.stderr
+    assert "AIOHTTP-LOADED" in repaired.stdout
+    assert (store_dir / "blobs" / "sha256" / layer).is_file()
+    assert len(proxy.blob_requests()) == 1
+
+    # By digest, a complete image needs no request at all.
+    proxy.clear_log()
+    pinned = probe("pull", "-q", f"{proxy.host}/{unique_repo}@{newer.digest}", store=store_dir)
+    assert pinned.returncode == 0, pinned.stderr
+    assert "AIOHTTP-LOADED" in pinned.stdout  # first pull of this name goes to the engine
+    assert proxy.requests == []  # manifest and blobs all came from the store
+    pinned = probe("pull", "-q", f"{proxy.host}/{unique_repo}@{newer.digest}", store=store_dir)
+    assert "AIOHTTP-NOT-LOADED" in pinned.stdout
+    assert proxy.requests == []
