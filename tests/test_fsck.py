@@ -309,6 +309,8 @@ async def test_planted_ingest_links_are_not_followed(pulled, tmp_path):
     assert index_entries(store) == {}
     gc(store)  # removes the planted links, never their targets
     assert victim.read_bytes() == b"do not touch" and tmp_path.is_dir()
-    assert list((store / "ingest").iterdir()) == [], [(p.name, os.listdir(p) if p.is_dir() and not p.is_symlink() else "link", img.layer_digests, img.config_digest) for p in (store / "ingest").iterdir()]
+    left = [(p.name, "link" if p.is_symlink() else os.listdir(p))
+            for p in (store / "ingest").iterdir()]
+    assert left == []
     await go()
     assert fsck(store).ok
