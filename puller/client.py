@@ -127,6 +127,20 @@ class BlobStream:
         self.content = self.response.content
 
 
+@dataclass(frozen=True, slots=True)
+class BlobRequest:
+    url: str
+    headers: dict[str, str]  # includes the registry's Authorization: same origin only
+    ssl_for: Callable[[str], ssl.SSLContext]
+    add_hosts: dict[str, str]
+    timeout: float  # seconds without data before the transfer counts as stalled
+    connect_timeout: float
+
+
+_PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY",
+               "ALL_PROXY")
+
+
 def _parse_retry_after(value: str | None) -> float | None:
     if not value:
         return None
@@ -278,7 +292,12 @@ class RegistryClient:
                     detail = msg if isinstance(msg, str) else None
         except (ValueError, *self.transport_errors):
             pass
-        status = resp.status
+        return self.status_error(resp.status, resp.headers, host, what, code=code,
+                                 detail=detail)
+
+    def status_error(self, status: int, headers: Any, host: str, what: str, *,
+                     code: str | None = None, detail: str | None = None) -> PullerError:
+        """The exception for an error ``status`` (``headers``: for Retry-After)."""
         reason = f": {detail[:200]}" if detail else ""
         kw: dict[str, Any] = {"status": status, "host": host, "code": code}
         if status == 401:
@@ -295,7 +314,7 @@ class RegistryClient:
             return NotFound(f"not found while {what}{reason or f' (HTTP 404 from {host})'}", **kw)
         if status == 429:
             return RateLimited(f"rate limited by {host} while {what}",
-                               retry_after=_parse_retry_after(resp.headers.get("Retry-After")),
+                               retry_after=_parse_retry_after(headers.get("Retry-After")),
                                **kw)
         if status >= 500:
             return ServerError(f"{host} failed with HTTP {status} while {what}{reason}", **kw)
@@ -396,6 +415,24 @@ class RegistryClient:
         if challenge is None or challenge.scheme != "bearer":
             return {}
         return {"Authorization": f"Bearer {await self._token(ref, challenge, scope)}"}
+
+    async def blob_request(self, ref: Reference, digest: Digest) -> BlobRequest | None:
+        """What a worker thread needs to GET a blob itself (see :mod:`puller.threadfetch`):
+        the URL, the auth header already earned for this repository, TLS and name
+        resolution. None until a request to this registry has settled how to reach it
+        (scheme, challenge), or where a proxy is configured."""
+        host = ref.api_host
+        if host not in self._schemes or any(os.environ.get(v) for v in _PROXY_VARS):
+            return None
+        scope = pull_scope(ref.repository)
+        auth = await self._auth_header(ref, scope)
+        scheme = self._schemes[host]
+        return BlobRequest(
+            url=f"{scheme}://{host}/v2/{ref.repository}/blobs/{digest}",
+            headers={"User-Agent": self.options.user_agent, "Accept-Encoding": "identity",
+                     **auth},
+            ssl_for=self._ssl_for, add_hosts=dict(self.options.add_hosts),
+            timeout=self.options.stall_timeout, connect_timeout=self.options.connect_timeout)
 
     async def _answer_challenge(self, ref: Reference, resp: Any,
                                 sent: dict[str, str], scope: str) -> bool:

@@ -16,17 +16,19 @@ Every blob of every image in a run goes through one :class:`BlobScheduler`:
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import Executor
+import functools
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, Callable
 
 
-from .client import ClientOptions, RangeNotHonoured, RegistryClient, retry_delay
+from .client import BlobRequest, ClientOptions, RangeNotHonoured, RegistryClient, retry_delay
 from .digest import Digest
-from .errors import IntegrityError, PullerError, SizeMismatch, TransportError
+from .errors import IntegrityError, NotFound, PullerError, SizeMismatch, TransportError
 from .events import BlobProgress, BlobRetry, BlobStarted, Event
 from .manifest import Descriptor
 from .reference import Reference
 from .store import BlobWriter, ContentStore
+from .threadfetch import Handle, NotPlain, fetch_into
 
 __all__ = ["BlobScheduler"]
 
@@ -38,7 +40,7 @@ class BlobScheduler:
     def __init__(self, client: RegistryClient, store: ContentStore, *, concurrency: int,
                  executor: Executor, emit: Callable[[Event], None],
                  options: ClientOptions | None = None, segments: int = 4,
-                 segment_min: int = 16 << 20) -> None:
+                 segment_min: int = 16 << 20, threaded: bool = True) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self._client = client
@@ -52,6 +54,8 @@ class BlobScheduler:
         self._segment_min = max(1 << 20, segment_min)
         self._alive = 0  # downloads wanted and not finished (running or waiting for a slot)
         self._no_ranges: set[str] = set()  # hosts that don't honour Range
+        self._threaded = threaded
+        self._bodies: ThreadPoolExecutor | None = None  # one thread per body in flight
         self._inflight: dict[Digest, asyncio.Task[int]] = {}
         self._watchers: dict[Digest, list[str]] = {}
 
@@ -87,6 +91,9 @@ class BlobScheduler:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._bodies is not None:
+            pool, self._bodies = self._bodies, None
+            await asyncio.shield(asyncio.to_thread(pool.shutdown, wait=True))
 
     def _forget(self, digest: Digest, task: asyncio.Task[int]) -> None:
         if self._inflight.get(digest) is task:
@@ -171,6 +178,24 @@ class BlobScheduler:
             parts = self._segments_for(ref, desc.size - start_offset)
             if parts > 1:
                 return await self._download_segments(ref, desc, writer, parts)
+            if self._threaded:
+                req = await self._client.blob_request(ref, desc.digest)
+                if req is not None:
+                    try:
+                        return await self._download_in_thread(req, desc, writer)
+                    except NotPlain as np:
+                        # An error status is that error (retried like any other); a
+                        # challenge or an oddity goes to the client, which knows the rest.
+                        challenge = np.status == 401 and np.headers is not None and \
+                            np.headers.get("WWW-Authenticate")
+                        if np.status is not None and np.status >= 400 and not challenge:
+                            err = self._client.status_error(
+                                np.status, np.headers, ref.api_host,
+                                f"fetching blob {desc.digest}")
+                            if isinstance(err, NotFound):
+                                err = NotFound(f"blob {desc.digest} not found in {ref.name}",
+                                               status=404, host=ref.api_host)
+                            raise err from None
             async with self._client.open_blob(ref, desc.digest, size=desc.size,
                                               offset=start_offset) as stream:
                 if stream.start != writer.offset:
@@ -211,6 +236,54 @@ class BlobScheduler:
             if not writer.closed:
                 await asyncio.shield(asyncio.get_running_loop().run_in_executor(
                     self._executor, writer.close))
+
+    async def _download_in_thread(self, req: BlobRequest, desc: Descriptor,
+                                  writer: BlobWriter) -> int:
+        """Receive, hash and write the body in a worker thread (see puller.threadfetch)."""
+        loop = asyncio.get_running_loop()
+        digest = str(desc.digest)
+        handle = Handle()
+
+        def progress(done: int) -> None:  # called in the worker thread
+            loop.call_soon_threadsafe(self._progress, desc.digest, digest, done, desc.size)
+
+        begun = writer.offset
+        receiving = loop.run_in_executor(self._body_pool(), functools.partial(
+            fetch_into, req, writer, handle=handle, progress=progress))
+        try:
+            await asyncio.shield(receiving)
+        except asyncio.CancelledError:
+            handle.cancel()
+            while not receiving.done():  # never close the writer under the thread
+                try:
+                    await asyncio.wait([receiving])
+                except asyncio.CancelledError:
+                    pass
+            if not receiving.cancelled():
+                receiving.exception()  # retrieved: it is the cancellation we asked for
+            raise
+        except SizeMismatch:
+            await self._run(writer.restart)
+            raise
+        except PullerError as err:
+            raise _Partial(err, writer.offset - begun) from err
+        try:
+            complete = await self._run(writer.finish, [])
+        except SizeMismatch:
+            await self._run(writer.restart)
+            raise
+        fetched = writer.offset - begun
+        if not complete:
+            raise _Partial(TransportError(
+                f"blob {desc.digest} ended after {writer.offset} of {desc.size} bytes"), fetched)
+        self._progress(desc.digest, digest, desc.size, desc.size)
+        return fetched
+
+    def _body_pool(self) -> ThreadPoolExecutor:
+        if self._bodies is None:
+            self._bodies = ThreadPoolExecutor(max_workers=self._concurrency,
+                                              thread_name_prefix="puller-body")
+        return self._bodies
 
     def _segments_for(self, ref: Reference, remaining: int) -> int:
         """How many ranges to fetch a blob's ``remaining`` bytes in, at once.
