@@ -28,7 +28,7 @@ from .events import BlobProgress, BlobRetry, BlobStarted, Event
 from .manifest import Descriptor
 from .reference import Reference
 from .store import BlobWriter, ContentStore
-from .threadfetch import Handle, NotPlain, fetch_into
+from .threadfetch import Connections, Handle, NotPlain, fetch_into
 
 __all__ = ["BlobScheduler"]
 
@@ -56,6 +56,7 @@ class BlobScheduler:
         self._no_ranges: set[str] = set()  # hosts that don't honour Range
         self._threaded = threaded
         self._bodies: ThreadPoolExecutor | None = None  # one thread per body in flight
+        self._connections = Connections()
         self._inflight: dict[Digest, asyncio.Task[int]] = {}
         self._watchers: dict[Digest, list[str]] = {}
 
@@ -94,6 +95,7 @@ class BlobScheduler:
         if self._bodies is not None:
             pool, self._bodies = self._bodies, None
             await asyncio.shield(asyncio.to_thread(pool.shutdown, wait=True))
+        self._connections.close()
 
     def _forget(self, digest: Digest, task: asyncio.Task[int]) -> None:
         if self._inflight.get(digest) is task:
@@ -249,7 +251,8 @@ class BlobScheduler:
 
         begun = writer.offset
         receiving = loop.run_in_executor(self._body_pool(), functools.partial(
-            fetch_into, req, writer, handle=handle, progress=progress))
+            fetch_into, req, writer, handle=handle, progress=progress,
+            pool=self._connections))
         try:
             await asyncio.shield(receiving)
         except asyncio.CancelledError:

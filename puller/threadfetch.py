@@ -95,8 +95,38 @@ def _shutdown(sock: socket.socket) -> None:
         pass
 
 
+class Connections:
+    """Idle keep-alive connections, shared by the worker threads of one scheduler, so
+    the blobs of a registry reuse a few connections (and TLS sessions) like a pool."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: dict[tuple[str, str], list[http.client.HTTPConnection]] = {}
+        self._closed = False
+
+    def take(self, key: tuple[str, str]) -> http.client.HTTPConnection | None:
+        with self._lock:
+            idle = self._idle.get(key)
+            return idle.pop() if idle else None
+
+    def give(self, key: tuple[str, str], conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            if not self._closed and len(self._idle.setdefault(key, [])) < 16:
+                self._idle[key].append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for c in conns:
+                c.close()
+
+
 def fetch_into(req: BlobRequest, writer: BlobWriter, *, handle: Handle,
-               progress: Callable[[int], None]) -> int:
+               progress: Callable[[int], None], pool: Connections | None = None) -> int:
     """Receive the rest of the blob into ``writer`` (from ``writer.offset``), hashing as
     it goes. Returns the bytes received; the caller commits. Runs in a worker thread."""
     offset = writer.offset
@@ -112,17 +142,33 @@ def fetch_into(req: BlobRequest, writer: BlobWriter, *, handle: Handle,
             headers["Range"] = f"bytes={offset}-"
         if handle.cancelled.is_set():
             raise Cancelled()
-        conn = _connect(url, req)
+        key = (target.scheme, target.netloc)
+        reused = pool.take(key) if pool is not None else None
+        conn = reused or _connect(url, req)
+        keep = False
         try:
             path = target.path + (f"?{target.query}" if target.query else "")
             try:
-                conn.connect()
+                if conn.sock is None:
+                    conn.connect()
                 handle.attach(conn.sock)
                 conn.request("GET", path, headers=headers)
                 resp = conn.getresponse()
             except (OSError, http.client.HTTPException) as exc:
-                raise describe_network_error(exc, origin.netloc,
-                                             f"fetching blob {writer.digest}") from exc
+                if reused is not None:  # the server closed an idle connection: a fresh one
+                    conn.close()
+                    conn = _connect(url, req)
+                    try:
+                        conn.connect()
+                        handle.attach(conn.sock)
+                        conn.request("GET", path, headers=headers)
+                        resp = conn.getresponse()
+                    except (OSError, http.client.HTTPException) as exc2:
+                        raise describe_network_error(
+                            exc2, origin.netloc, f"fetching blob {writer.digest}") from exc2
+                else:
+                    raise describe_network_error(exc, origin.netloc,
+                                                 f"fetching blob {writer.digest}") from exc
             if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
                 url = urljoin(url, resp.getheader("Location"))
                 continue
@@ -137,10 +183,18 @@ def fetch_into(req: BlobRequest, writer: BlobWriter, *, handle: Handle,
                     offset = 0
             else:
                 raise NotPlain(f"HTTP {resp.status}", resp.status, resp.headers)
-            return _receive(resp, conn, writer, handle, progress, origin.netloc, req.timeout)
+            got = _receive(resp, conn, writer, handle, progress, origin.netloc, req.timeout)
+            keep = pool is not None and not resp.will_close and not resp.chunked
+            return got
         finally:
             handle.attach(None)
-            conn.close()
+            if keep and pool is not None:
+                resp.close()  # the body was read to its end: the connection can be reused
+                if conn.sock is not None:
+                    conn.sock.settimeout(req.connect_timeout)
+                pool.give(key, conn)
+            else:
+                conn.close()
     raise NotPlain("too many redirects")
 
 
