@@ -20,12 +20,12 @@ import base64
 import json
 import os
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import PullerError
+from .fsutil import write_atomic
 
 __all__ = [
     "Credentials",
@@ -112,21 +112,7 @@ class DockerConfig:
     def _save(self, doc: dict[str, Any]) -> None:
         try:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd, tmp = tempfile.mkstemp(prefix=".config.json.", dir=self.directory)
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(doc, f, indent="\t")
-                    f.write("\n")
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.chmod(tmp, 0o600)
-                os.replace(tmp, self.path)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-                raise
+            write_atomic(self.path, (json.dumps(doc, indent="\t") + "\n").encode(), 0o600)
         except OSError as exc:
             raise CredentialError(f"cannot write {self.path}: {exc.strerror}") from exc
 

@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator
 from . import mediatypes
 from .digest import Digest
 from .errors import DigestMismatch, SizeMismatch, StoreError
+from .fsutil import fsync_dir, write_atomic
 
 __all__ = ["ContentStore", "BlobWriter", "StoreBusy", "default_store_path"]
 
@@ -77,35 +78,6 @@ def _real_dir(path: Path) -> None:
         raise StoreError(f"{path} is not a directory")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync and rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 class BlobWriter:
@@ -375,12 +347,12 @@ class ContentStore:
                 _real_dir(d)
             layout = self.root / "oci-layout"
             if not layout.exists():
-                _write_atomic(layout, json.dumps(
+                write_atomic(layout, json.dumps(
                     {"imageLayoutVersion": mediatypes.OCI_LAYOUT_VERSION}).encode())
             if not self._index.exists():
                 with self._index_lock():
                     if not self._index.exists():
-                        _write_atomic(self._index, self._dump_index([]))
+                        write_atomic(self._index, self._dump_index([]))
         except OSError as exc:
             raise _store_error(exc, f"creating store at {self.root}") from exc
         return self
@@ -610,7 +582,7 @@ class ContentStore:
         while self._unsynced_dirs:
             d = self._unsynced_dirs.pop()
             try:
-                _fsync_dir(d)
+                fsync_dir(d)
             except OSError as exc:
                 self._unsynced_dirs.add(d)
                 raise _store_error(exc, f"syncing {d}") from exc
@@ -620,7 +592,7 @@ class ContentStore:
         self.sync()
         try:
             with self._index_lock():
-                _write_atomic(self._index, self._dump_index(change(self.read_index())))
+                write_atomic(self._index, self._dump_index(change(self.read_index())))
         except OSError as exc:
             raise _store_error(exc, f"updating {self._index}") from exc
 
