@@ -253,7 +253,8 @@ def _pull_command(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signal.SIGTERM, task.cancel)
         try:
             async with Puller(store=args.store, options=options, client_options=client_options,
-                              on_event=view.event) as puller:
+                              on_event=view.event, transport=_pull_transport(client_options)
+                              ) as puller:
                 results = await puller.pull_many(refs, fail_fast=args.fail_fast)
         except PullerError as exc:  # the store itself could not be opened
             view.fatal(str(exc))
@@ -446,6 +447,19 @@ def _bench_command(args: argparse.Namespace) -> int:
     else:
         print(bench_mod.report_text(report))
     return EXIT_OK
+
+
+def _pull_transport(client_options: Any) -> Any:
+    """The command line pulls over ``http.client`` in threads (no aiohttp to import:
+    about 0.2 s less per run, measured) unless a proxy is configured, which only the
+    aiohttp transport honours."""
+    if any(os.environ.get(v) for v in _PROXY_VARS):
+        return None
+    from .transport import ThreadedTransport
+
+    return ThreadedTransport(timeout=client_options.stall_timeout,
+                             add_hosts=dict(client_options.add_hosts),
+                             user_agent=client_options.user_agent)
 
 
 _PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY",

@@ -21,12 +21,13 @@ import asyncio
 import http.client
 import socket
 import ssl
+import threading
 from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import PullerError, TransportError
 
-__all__ = ["Transport", "StdlibTransport", "describe_network_error"]
+__all__ = ["Transport", "StdlibTransport", "ThreadedTransport", "describe_network_error"]
 
 
 class Transport:
@@ -92,68 +93,100 @@ def _certificate_error(host: str, what: str, reason: str) -> PullerError:
 
 
 class _Body:
-    """``response.content`` for the stdlib transport."""
+    """``response.content`` for the stdlib transports."""
 
-    def __init__(self, resp: http.client.HTTPResponse) -> None:
+    def __init__(self, resp: http.client.HTTPResponse, threaded: bool) -> None:
         self._resp = resp
+        self._threaded = threaded
 
     async def read(self, n: int = -1) -> bytes:
+        if self._threaded:
+            return await asyncio.to_thread(self._resp.read, None if n < 0 else n)
         return self._resp.read(None if n < 0 else n)
 
     async def readany(self) -> bytes:
+        if self._threaded:
+            return await asyncio.to_thread(self._resp.read1, 1 << 20)
         return self._resp.read1(1 << 20)
 
 
 class _Response:
     def __init__(self, resp: http.client.HTTPResponse, conn: http.client.HTTPConnection,
-                 method: str) -> None:
+                 method: str, threaded: bool, give_back: Any) -> None:
         self._resp = resp
         self._conn = conn
+        self._give_back = give_back
         self.status = resp.status
         self.headers = resp.headers  # email.message.Message: case-insensitive get/in
         length = resp.getheader("Content-Length")
         self.content_length = int(length) if length and length.isdigit() else None
         if method == "HEAD":
             self.content_length = None
-        self.content = _Body(resp)
+        self.content = _Body(resp, threaded)
 
     def release(self) -> None:
+        # A body read to its end leaves a connection that can carry the next request.
+        reusable = self._resp.isclosed() and not self._resp.will_close
         self._resp.close()
-        self._conn.close()
+        if reusable and self._give_back is not None:
+            self._give_back(self._conn)
+        else:
+            self._conn.close()
 
 
 class StdlibTransport(Transport):
-    """``http.client``, a new connection per request, blocking the loop while it works.
+    """``http.client``, one request at a time, blocking the loop while it works.
 
     Meant for a handful of small requests (manifest checks, tokens) where importing
     aiohttp would cost more than the requests themselves. Honours ``add_hosts``; no
-    proxies, so the client uses it only when no proxy is configured.
+    proxies, so it is used only when no proxy is configured.
     """
 
     errors = (OSError, asyncio.TimeoutError, http.client.HTTPException)
+    _threaded = False
 
     def __init__(self, *, timeout: float = 30.0, add_hosts: dict[str, str] | None = None,
                  user_agent: str = "puller") -> None:
         self._timeout = timeout
         self._hosts = dict(add_hosts or {})
         self._user_agent = user_agent
+        self._lock = threading.Lock()
+        self._idle: dict[tuple[str, str], list[http.client.HTTPConnection]] = {}
 
     async def request(self, method: str, url: str, *, headers: dict[str, str],
                       ssl_context: ssl.SSLContext | None, data: Any = None) -> Any:
-        if data is not None and not isinstance(data, (bytes, dict)):
-            raise TypeError("StdlibTransport sends only byte or form bodies")
-        parts = urlsplit(url)
+        return self._send(method, url, headers, ssl_context, data)
+
+    async def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for c in conns:
+                c.close()
+
+    def _connection(self, parts: Any, ssl_context: ssl.SSLContext | None
+                    ) -> tuple[http.client.HTTPConnection, bool]:
+        key = (parts.scheme, parts.netloc)
+        with self._lock:
+            idle = self._idle.get(key)
+            if idle:
+                return idle.pop(), True
         host = parts.hostname or ""
         port = parts.port or (443 if parts.scheme == "https" else 80)
         address = self._hosts.get(host, host)
-        conn: http.client.HTTPConnection
         if parts.scheme == "https":
-            conn = http.client.HTTPSConnection(address, port, timeout=self._timeout,
-                                               context=ssl_context)
             if address != host:  # certificate checks and SNI use the name, not the address
-                conn = _NamedHTTPSConnection(host, address, port, self._timeout, ssl_context)
-        else:
-            conn = http.client.HTTPConnection(address, port, timeout=self._timeout)
+                return _NamedHTTPSConnection(host, address, port, self._timeout,
+                                             ssl_context), False
+            return http.client.HTTPSConnection(host, port, timeout=self._timeout,
+                                               context=ssl_context), False
+        return http.client.HTTPConnection(address, port, timeout=self._timeout), False
+
+    def _send(self, method: str, url: str, headers: dict[str, str],
+              ssl_context: ssl.SSLContext | None, data: Any) -> Any:
+        if data is not None and not isinstance(data, (bytes, dict)):
+            raise TypeError("the http.client transports send only byte or form bodies")
+        parts = urlsplit(url)
         body = data
         hdrs = {"User-Agent": self._user_agent, "Accept-Encoding": "identity", **headers}
         if isinstance(data, dict):
@@ -164,13 +197,49 @@ class StdlibTransport(Transport):
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
+        key = (parts.scheme, parts.netloc)
+        conn, reused = self._connection(parts, ssl_context)
         try:
-            conn.request(method, path, body=body, headers=hdrs)
-            resp = conn.getresponse()
+            try:
+                conn.request(method, path, body=body, headers=hdrs)
+                resp = conn.getresponse()
+            except (OSError, http.client.HTTPException):
+                if not reused:
+                    raise
+                conn.close()  # the server closed an idle connection: once more, fresh
+                conn, _ = self._connection(_Fresh(parts), ssl_context)
+                conn.request(method, path, body=body, headers=hdrs)
+                resp = conn.getresponse()
         except BaseException:
             conn.close()
             raise
-        return _Response(resp, conn, method)
+
+        def give_back(c: http.client.HTTPConnection) -> None:
+            with self._lock:
+                self._idle.setdefault(key, []).append(c)
+
+        return _Response(resp, conn, method, self._threaded, give_back)
+
+
+class _Fresh:
+    """URL parts that never match an idle connection (for the one retry above)."""
+
+    def __init__(self, parts: Any) -> None:
+        self.scheme, self.netloc = parts.scheme, parts.netloc + "\0fresh"
+        self.hostname, self.port = parts.hostname, parts.port
+
+
+class ThreadedTransport(StdlibTransport):
+    """``http.client`` in worker threads: requests run concurrently without blocking
+    the loop, connections are kept alive and reused. Costs nothing to import, so a
+    command-line pull needs no aiohttp at all (blob bodies go through
+    :mod:`puller.threadfetch` either way)."""
+
+    _threaded = True
+
+    async def request(self, method: str, url: str, *, headers: dict[str, str],
+                      ssl_context: ssl.SSLContext | None, data: Any = None) -> Any:
+        return await asyncio.to_thread(self._send, method, url, headers, ssl_context, data)
 
 
 class _NamedHTTPSConnection(http.client.HTTPSConnection):
