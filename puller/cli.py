@@ -227,7 +227,11 @@ def _pull_command(args: argparse.Namespace) -> int:
 
     import asyncio
 
-    current = _already_current(refs, args, platform, client_options)
+    try:
+        current = _already_current(refs, args, platform, client_options)
+    except KeyboardInterrupt:
+        print("puller: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if current is not None:  # nothing to download: answered without loading the engine
         for ref, result in zip(refs, current, strict=True):
             view.event(_started(ref))
@@ -480,13 +484,14 @@ def _already_current(refs: list[Any], args: argparse.Namespace, platform: Any,
 
     from .api import Puller, PullOptions
     from .errors import PullerError
-    from .transport import StdlibTransport
+    from .transport import ThreadedTransport
 
     options = PullOptions(platform=platform, all_platforms=args.all_platforms,
                           concurrency=args.concurrency, include_foreign=args.include_foreign)
     quick = dataclasses.replace(client_options, retries=0)
-    transport = StdlibTransport(timeout=min(quick.connect_timeout, quick.stall_timeout),
-                                add_hosts=dict(quick.add_hosts), user_agent=quick.user_agent)
+    # In a thread, so Ctrl-C (which cancels the task) can abort a request that stalls.
+    transport = ThreadedTransport(timeout=min(quick.connect_timeout, quick.stall_timeout),
+                                  add_hosts=dict(quick.add_hosts), user_agent=quick.user_agent)
 
     async def check() -> list[Any] | None:
         async with Puller(store=args.store, options=options, client_options=quick,
@@ -503,6 +508,8 @@ def _already_current(refs: list[Any], args: argparse.Namespace, platform: Any,
         return asyncio.run(check())
     except (PullerError, OSError):
         return None
+    except asyncio.CancelledError:  # Ctrl-C cancelled the check
+        raise KeyboardInterrupt from None
 
 
 def _started(ref: Any) -> Any:

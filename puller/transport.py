@@ -95,24 +95,44 @@ def _certificate_error(host: str, what: str, reason: str) -> PullerError:
 class _Body:
     """``response.content`` for the stdlib transports."""
 
-    def __init__(self, resp: http.client.HTTPResponse, threaded: bool) -> None:
+    def __init__(self, resp: http.client.HTTPResponse, threaded: bool,
+                 holder: dict[str, Any]) -> None:
         self._resp = resp
         self._threaded = threaded
+        self._holder = holder
 
     async def read(self, n: int = -1) -> bytes:
         if self._threaded:
-            return await asyncio.to_thread(self._resp.read, None if n < 0 else n)
+            return await _abortable(self._holder, self._resp.read, None if n < 0 else n)
         return self._resp.read(None if n < 0 else n)
 
     async def readany(self) -> bytes:
         if self._threaded:
-            return await asyncio.to_thread(self._resp.read1, 1 << 20)
+            return await _abortable(self._holder, self._resp.read1, 1 << 20)
         return self._resp.read1(1 << 20)
+
+
+async def _abortable(holder: dict[str, Any], fn: Any, *args: Any) -> Any:
+    """Run blocking socket work in a thread; if we are cancelled meanwhile, shut the
+    socket down so the thread returns now instead of at its timeout (Ctrl-C must not
+    wait for a stalled registry)."""
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except asyncio.CancelledError:
+        holder["aborted"] = True
+        conn = holder.get("conn")
+        sock = getattr(conn, "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        raise
 
 
 class _Response:
     def __init__(self, resp: http.client.HTTPResponse, conn: http.client.HTTPConnection,
-                 method: str, threaded: bool, give_back: Any) -> None:
+                 method: str, threaded: bool, give_back: Any, holder: dict[str, Any]) -> None:
         self._resp = resp
         self._conn = conn
         self._give_back = give_back
@@ -122,7 +142,7 @@ class _Response:
         self.content_length = int(length) if length and length.isdigit() else None
         if method == "HEAD":
             self.content_length = None
-        self.content = _Body(resp, threaded)
+        self.content = _Body(resp, threaded, holder)
 
     def release(self) -> None:
         # A body read to its end leaves a connection that can carry the next request.
@@ -155,7 +175,7 @@ class StdlibTransport(Transport):
 
     async def request(self, method: str, url: str, *, headers: dict[str, str],
                       ssl_context: ssl.SSLContext | None, data: Any = None) -> Any:
-        return self._send(method, url, headers, ssl_context, data)
+        return self._send(method, url, headers, ssl_context, data, {})
 
     async def close(self) -> None:
         with self._lock:
@@ -183,7 +203,7 @@ class StdlibTransport(Transport):
         return http.client.HTTPConnection(address, port, timeout=self._timeout), False
 
     def _send(self, method: str, url: str, headers: dict[str, str],
-              ssl_context: ssl.SSLContext | None, data: Any) -> Any:
+              ssl_context: ssl.SSLContext | None, data: Any, holder: dict[str, Any]) -> Any:
         if data is not None and not isinstance(data, (bytes, dict)):
             raise TypeError("the http.client transports send only byte or form bodies")
         parts = urlsplit(url)
@@ -199,15 +219,17 @@ class StdlibTransport(Transport):
             path += "?" + parts.query
         key = (parts.scheme, parts.netloc)
         conn, reused = self._connection(parts, ssl_context)
+        holder["conn"] = conn  # lets a cancelled caller abort a blocked read
         try:
             try:
                 conn.request(method, path, body=body, headers=hdrs)
                 resp = conn.getresponse()
             except (OSError, http.client.HTTPException):
-                if not reused:
+                if not reused or holder.get("aborted"):
                     raise
                 conn.close()  # the server closed an idle connection: once more, fresh
                 conn, _ = self._connection(_Fresh(parts), ssl_context)
+                holder["conn"] = conn
                 conn.request(method, path, body=body, headers=hdrs)
                 resp = conn.getresponse()
         except BaseException:
@@ -218,7 +240,7 @@ class StdlibTransport(Transport):
             with self._lock:
                 self._idle.setdefault(key, []).append(c)
 
-        return _Response(resp, conn, method, self._threaded, give_back)
+        return _Response(resp, conn, method, self._threaded, give_back, holder)
 
 
 class _Fresh:
@@ -239,7 +261,9 @@ class ThreadedTransport(StdlibTransport):
 
     async def request(self, method: str, url: str, *, headers: dict[str, str],
                       ssl_context: ssl.SSLContext | None, data: Any = None) -> Any:
-        return await asyncio.to_thread(self._send, method, url, headers, ssl_context, data)
+        holder: dict[str, Any] = {}
+        return await _abortable(holder, self._send, method, url, headers, ssl_context, data,
+                                holder)
 
 
 class _NamedHTTPSConnection(http.client.HTTPSConnection):

@@ -120,3 +120,28 @@ def test_kill_9_during_parallel_ranges_resumes_from_verified_bytes(registry, pro
     assert (store_dir / "blobs" / "sha256" / layer.split(":")[1]).read_bytes() == img.layers[0]
     assert not entry.exists()
     assert_store_valid(store_dir)
+
+
+def test_ctrl_c_while_the_registry_stalls_exits_at_once(registry, proxy, unique_repo,
+                                                        store_dir):
+    img = build_image(seed=46, layer_sizes=[5_000])
+    push(registry.url, unique_repo, "hang", img)
+    ref = f"{proxy.host}/{unique_repo}:hang"
+    for warm in (False, True):  # the engine's manifest fetch, then the up-to-date check
+        if warm:
+            first = start("pull", "-q", "--store", str(store_dir), ref)
+            first.communicate(timeout=60)
+            assert first.returncode == 0
+        proxy.clear_log()
+        proxy.delay(60, r"/manifests/", times=1)
+        p = start("pull", "--store", str(store_dir), ref)
+        deadline = time.monotonic() + 30
+        while not proxy.requests:  # wait until the request is in flight
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        # Well under the 60 s the registry would take: the blocked request is aborted.
+        _, err = p.communicate(timeout=20)
+        assert p.returncode == 130, err
+        assert "Traceback" not in err and "interrupted" in err
+        proxy.clear_rules()
