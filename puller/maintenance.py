@@ -46,7 +46,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from . import mediatypes
 from .digest import ALGORITHMS, Digest
@@ -633,17 +633,24 @@ def _fail(message: str, as_json: bool) -> int:
     return EXIT_PROBLEMS
 
 
-def _fsck_command(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, work: Callable[[Path], Any]) -> Any:
+    """Run ``work`` on the store; an int is an exit code for a failure already told."""
     if args.wait < 0:
         print("puller: --wait must not be negative", file=sys.stderr)
         return EXIT_USAGE
     try:
-        report = fsck(_store_arg(args), repair=args.repair, wait=args.wait)
+        return work(_store_arg(args))
     except PullerError as exc:
         return _fail(str(exc), args.json)
     except KeyboardInterrupt:
         print("puller: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _fsck_command(args: argparse.Namespace) -> int:
+    report = _run(args, lambda store: fsck(store, repair=args.repair, wait=args.wait))
+    if isinstance(report, int):
+        return report
     if args.json:
         print(json.dumps(report.to_json(), separators=(",", ":")), flush=True)
         return EXIT_OK if report.ok else EXIT_PROBLEMS
@@ -669,16 +676,9 @@ def _fsck_command(args: argparse.Namespace) -> int:
 
 
 def _gc_command(args: argparse.Namespace) -> int:
-    if args.wait < 0:
-        print("puller: --wait must not be negative", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        report = gc(_store_arg(args), dry_run=args.dry_run, wait=args.wait)
-    except PullerError as exc:
-        return _fail(str(exc), args.json)
-    except KeyboardInterrupt:
-        print("puller: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    report = _run(args, lambda store: gc(store, dry_run=args.dry_run, wait=args.wait))
+    if isinstance(report, int):
+        return report
     if args.json:
         print(json.dumps(report.to_json(), separators=(",", ":")), flush=True)
         return EXIT_OK
