@@ -457,17 +457,13 @@ def _pull_transport(client_options: Any) -> Any:
     """The command line pulls over ``http.client`` in threads (no aiohttp to import:
     about 0.2 s less per run, measured) unless a proxy is configured, which only the
     aiohttp transport honours."""
-    if any(os.environ.get(v) for v in _PROXY_VARS):
-        return None
-    from .transport import ThreadedTransport
+    from .transport import ThreadedTransport, proxy_configured
 
+    if proxy_configured():
+        return None
     return ThreadedTransport(timeout=client_options.stall_timeout,
                              add_hosts=dict(client_options.add_hosts),
                              user_agent=client_options.user_agent)
-
-
-_PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY",
-               "ALL_PROXY")
 
 
 def _already_current(refs: list[Any], args: argparse.Namespace, platform: Any,
@@ -477,14 +473,15 @@ def _already_current(refs: list[Any], args: argparse.Namespace, platform: Any,
     Asks each registry with one manifest HEAD over the standard library's HTTP client,
     so a warm re-pull costs start-up plus one round trip, without importing aiohttp.
     Anything unusual (a proxy, an error, a missing blob) leaves it to the engine."""
-    if any(os.environ.get(v) for v in _PROXY_VARS):
-        return None
     import asyncio
     import dataclasses
 
     from .api import Puller, PullOptions
     from .errors import PullerError
-    from .transport import ThreadedTransport
+    from .transport import ThreadedTransport, proxy_configured
+
+    if proxy_configured():
+        return None
 
     options = PullOptions(platform=platform, all_platforms=args.all_platforms,
                           concurrency=args.concurrency, include_foreign=args.include_foreign)

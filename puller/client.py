@@ -47,7 +47,7 @@ from .manifest import MAX_MANIFEST_SIZE
 from .mediatypes import ACCEPT
 from .reference import Reference
 from .tls import is_loopback_host, make_ssl_context
-from .transport import Transport
+from .transport import Transport, proxy_configured
 
 __all__ = ["ClientOptions", "RegistryClient", "FetchedManifest", "BlobStream", "retry_delay",
            "RangeNotHonoured", "DEFAULT_CREDENTIALS"]
@@ -132,13 +132,7 @@ class BlobRequest:
     url: str
     headers: dict[str, str]  # includes the registry's Authorization: same origin only
     ssl_for: Callable[[str], ssl.SSLContext]
-    add_hosts: dict[str, str]
     timeout: float  # seconds without data before the transfer counts as stalled
-    connect_timeout: float
-
-
-_PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY",
-               "ALL_PROXY")
 
 
 def _parse_retry_after(value: str | None) -> float | None:
@@ -422,7 +416,7 @@ class RegistryClient:
         resolution. None until a request to this registry has settled how to reach it
         (scheme, challenge), or where a proxy is configured."""
         host = ref.api_host
-        if host not in self._schemes or any(os.environ.get(v) for v in _PROXY_VARS):
+        if host not in self._schemes or proxy_configured():
             return None
         scope = pull_scope(ref.repository)
         auth = await self._auth_header(ref, scope)
@@ -431,8 +425,7 @@ class RegistryClient:
             url=f"{scheme}://{host}/v2/{ref.repository}/blobs/{digest}",
             headers={"User-Agent": self.options.user_agent, "Accept-Encoding": "identity",
                      **auth},
-            ssl_for=self._ssl_for, add_hosts=dict(self.options.add_hosts),
-            timeout=self.options.stall_timeout, connect_timeout=self.options.connect_timeout)
+            ssl_for=self._ssl_for, timeout=self.options.stall_timeout)
 
     async def _answer_challenge(self, ref: Reference, resp: Any,
                                 sent: dict[str, str], scope: str) -> bool:

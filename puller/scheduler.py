@@ -28,7 +28,8 @@ from .events import BlobProgress, BlobRetry, BlobStarted, Event
 from .manifest import Descriptor
 from .reference import Reference
 from .store import BlobWriter, ContentStore
-from .threadfetch import Connections, Handle, NotPlain, fetch_into
+from .threadfetch import Handle, NotPlain, fetch_into
+from .transport import ConnectionPool
 
 __all__ = ["BlobScheduler"]
 
@@ -56,7 +57,8 @@ class BlobScheduler:
         self._no_ranges: set[str] = set()  # hosts that don't honour Range
         self._threaded = threaded
         self._bodies: ThreadPoolExecutor | None = None  # one thread per body in flight
-        self._connections = Connections()
+        self._connections = ConnectionPool(add_hosts=dict(self._options.add_hosts),
+                                           timeout=self._options.connect_timeout)
         self._inflight: dict[Digest, asyncio.Task[int]] = {}
         self._watchers: dict[Digest, list[str]] = {}
 

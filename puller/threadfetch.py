@@ -26,11 +26,12 @@ from urllib.parse import urljoin, urlsplit
 from .client import BlobRequest
 from .errors import SizeMismatch
 from .store import BlobWriter
-from .transport import _NamedHTTPSConnection, describe_network_error
+from .transport import ConnectionPool, describe_network_error
 
 __all__ = ["NotPlain", "Cancelled", "fetch_into"]
 
 _CHUNK = 1 << 20
+_REPORT_EVERY = 256 * 1024  # bytes between progress reports to the event loop
 _MAX_REDIRECTS = 5
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
 
@@ -49,22 +50,6 @@ class NotPlain(Exception):
 
 class Cancelled(Exception):
     """The download was cancelled while its thread was receiving."""
-
-
-def _connect(url: str, req: BlobRequest) -> http.client.HTTPConnection:
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    address = req.add_hosts.get(host, host)
-    if parts.scheme == "https":
-        ctx = req.ssl_for(parts.netloc)
-        if address != host:  # connect to the given address, speak TLS as the name
-            return _NamedHTTPSConnection(host, address, port, req.connect_timeout, ctx)
-        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-            host, port, timeout=req.connect_timeout, context=ctx)
-    else:
-        conn = http.client.HTTPConnection(address, port, timeout=req.connect_timeout)
-    return conn
 
 
 class Handle:
@@ -95,38 +80,8 @@ def _shutdown(sock: socket.socket) -> None:
         pass
 
 
-class Connections:
-    """Idle keep-alive connections, shared by the worker threads of one scheduler, so
-    the blobs of a registry reuse a few connections (and TLS sessions) like a pool."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._idle: dict[tuple[str, str], list[http.client.HTTPConnection]] = {}
-        self._closed = False
-
-    def take(self, key: tuple[str, str]) -> http.client.HTTPConnection | None:
-        with self._lock:
-            idle = self._idle.get(key)
-            return idle.pop() if idle else None
-
-    def give(self, key: tuple[str, str], conn: http.client.HTTPConnection) -> None:
-        with self._lock:
-            if not self._closed and len(self._idle.setdefault(key, [])) < 16:
-                self._idle[key].append(conn)
-                return
-        conn.close()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, {}
-        for conns in idle.values():
-            for c in conns:
-                c.close()
-
-
 def fetch_into(req: BlobRequest, writer: BlobWriter, *, handle: Handle,
-               progress: Callable[[int], None], pool: Connections | None = None) -> int:
+               progress: Callable[[int], None], pool: ConnectionPool) -> int:
     """Receive the rest of the blob into ``writer`` (from ``writer.offset``), hashing as
     it goes. Returns the bytes received; the caller commits. Runs in a worker thread."""
     offset = writer.offset
@@ -142,9 +97,8 @@ def fetch_into(req: BlobRequest, writer: BlobWriter, *, handle: Handle,
             headers["Range"] = f"bytes={offset}-"
         if handle.cancelled.is_set():
             raise Cancelled()
-        key = (target.scheme, target.netloc)
-        reused = pool.take(key) if pool is not None else None
-        conn = reused or _connect(url, req)
+        ssl_context = req.ssl_for(target.netloc) if target.scheme == "https" else None
+        conn, reused = pool.take(target, ssl_context)
         keep = False
         try:
             path = target.path + (f"?{target.query}" if target.query else "")
@@ -155,9 +109,9 @@ def fetch_into(req: BlobRequest, writer: BlobWriter, *, handle: Handle,
                 conn.request("GET", path, headers=headers)
                 resp = conn.getresponse()
             except (OSError, http.client.HTTPException) as exc:
-                if reused is not None:  # the server closed an idle connection: a fresh one
+                if reused:  # the server closed an idle connection: a fresh one
                     conn.close()
-                    conn = _connect(url, req)
+                    conn = pool.new(target, ssl_context)
                     try:
                         conn.connect()
                         handle.attach(conn.sock)
@@ -184,15 +138,13 @@ def fetch_into(req: BlobRequest, writer: BlobWriter, *, handle: Handle,
             else:
                 raise NotPlain(f"HTTP {resp.status}", resp.status, resp.headers)
             got = _receive(resp, conn, writer, handle, progress, origin.netloc, req.timeout)
-            keep = pool is not None and not resp.will_close and not resp.chunked
+            keep = not resp.will_close and not resp.chunked
             return got
         finally:
             handle.attach(None)
-            if keep and pool is not None:
+            if keep:
                 resp.close()  # the body was read to its end: the connection can be reused
-                if conn.sock is not None:
-                    conn.sock.settimeout(req.connect_timeout)
-                pool.give(key, conn)
+                pool.give(target, conn)
             else:
                 conn.close()
     raise NotPlain("too many redirects")
@@ -203,7 +155,7 @@ def _receive(resp: http.client.HTTPResponse, conn: http.client.HTTPConnection,
              host: str, stall_timeout: float) -> int:
     if conn.sock is not None:
         conn.sock.settimeout(stall_timeout)  # a read that waits this long has stalled
-    begun = writer.offset
+    begun = reported = writer.offset
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
     what = f"fetching blob {writer.digest}"
@@ -236,7 +188,9 @@ def _receive(resp: http.client.HTTPResponse, conn: http.client.HTTPConnection,
             raise SizeMismatch(
                 f"blob {writer.digest}: server sent more than the expected {writer.size} bytes")
         writer.write(view[:n])
-        progress(writer.offset)
+        if writer.offset - reported >= _REPORT_EVERY:  # not one loop wake-up per recv
+            reported = writer.offset
+            progress(reported)
     if remaining == 0 and writer.offset < writer.size:
         # The server sent the whole body it announced: its copy is shorter than the
         # descriptor, which no resume can fix.

@@ -6,10 +6,10 @@ request and hands back the response:
 
 - :class:`puller.aio.AiohttpTransport`: aiohttp with uvloop-friendly connection pools;
   the engine's transport for every blob and manifest of a pull, push or mirror.
-- :class:`StdlibTransport`: ``http.client``, one request at a time. It costs nothing to
-  import, so the command line uses it to ask "is my stored copy still current?" (one
-  manifest ``HEAD``) before it loads aiohttp at all: a warm re-pull then starts as fast
-  as Python does.
+- :class:`ThreadedTransport`: ``http.client`` in worker threads, with keep-alive
+  connections from a :class:`ConnectionPool`. It costs nothing to import, so the
+  command line pulls with it and never loads aiohttp (and asks "is my stored copy still
+  current?" with one manifest ``HEAD`` before anything else).
 
 A response has ``status``, case-insensitive ``headers``, ``content_length``,
 ``content`` (``await read(n)``, ``await readany()``) and ``release()``.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import os
 import socket
 import ssl
 import threading
@@ -27,7 +28,16 @@ from urllib.parse import urlsplit
 
 from .errors import PullerError, TransportError
 
-__all__ = ["Transport", "StdlibTransport", "ThreadedTransport", "describe_network_error"]
+__all__ = ["Transport", "ThreadedTransport", "ConnectionPool", "describe_network_error",
+           "proxy_configured"]
+
+_PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY",
+               "ALL_PROXY")
+
+
+def proxy_configured() -> bool:
+    """A proxy is set in the environment: only the aiohttp transport honours one."""
+    return any(os.environ.get(v) for v in _PROXY_VARS)
 
 
 class Transport:
@@ -92,24 +102,73 @@ def _certificate_error(host: str, what: str, reason: str) -> PullerError:
     return err
 
 
-class _Body:
-    """``response.content`` for the stdlib transports."""
+class ConnectionPool:
+    """Keep-alive ``http.client`` connections by (scheme, host:port), shared by threads.
 
-    def __init__(self, resp: http.client.HTTPResponse, threaded: bool,
-                 holder: dict[str, Any]) -> None:
+    ``add_hosts`` names are dialled at their given address while TLS (SNI, certificate
+    checks) still uses the name. A connection given back has had its response read to
+    the end; ``timeout`` is restored on it for the next user."""
+
+    def __init__(self, *, add_hosts: dict[str, str] | None = None, timeout: float = 30.0,
+                 max_idle: int = 16) -> None:
+        self._hosts = dict(add_hosts or {})
+        self._timeout = timeout
+        self._max_idle = max_idle
+        self._lock = threading.Lock()
+        self._idle: dict[tuple[str, str], list[http.client.HTTPConnection]] = {}
+        self._closed = False
+
+    def new(self, parts: Any, ssl_context: ssl.SSLContext | None) -> http.client.HTTPConnection:
+        host = parts.hostname or ""
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        address = self._hosts.get(host, host)
+        if parts.scheme == "https":
+            if address != host:
+                return _NamedHTTPSConnection(host, address, port, self._timeout, ssl_context)
+            return http.client.HTTPSConnection(host, port, timeout=self._timeout,
+                                               context=ssl_context)
+        return http.client.HTTPConnection(address, port, timeout=self._timeout)
+
+    def take(self, parts: Any, ssl_context: ssl.SSLContext | None
+             ) -> tuple[http.client.HTTPConnection, bool]:
+        """An idle connection to ``parts``' origin (True) or a new one (False)."""
+        with self._lock:
+            idle = self._idle.get((parts.scheme, parts.netloc))
+            if idle:
+                return idle.pop(), True
+        return self.new(parts, ssl_context), False
+
+    def give(self, parts: Any, conn: http.client.HTTPConnection) -> None:
+        if conn.sock is not None:
+            conn.sock.settimeout(self._timeout)
+        with self._lock:
+            idle = self._idle.setdefault((parts.scheme, parts.netloc), [])
+            if not self._closed and len(idle) < self._max_idle:
+                idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for c in conns:
+                c.close()
+
+
+class _Body:
+    """``response.content`` for the threaded transport."""
+
+    def __init__(self, resp: http.client.HTTPResponse, holder: dict[str, Any]) -> None:
         self._resp = resp
-        self._threaded = threaded
         self._holder = holder
 
     async def read(self, n: int = -1) -> bytes:
-        if self._threaded:
-            return await _abortable(self._holder, self._resp.read, None if n < 0 else n)
-        return self._resp.read(None if n < 0 else n)
+        return await _abortable(self._holder, self._resp.read, None if n < 0 else n)
 
     async def readany(self) -> bytes:
-        if self._threaded:
-            return await _abortable(self._holder, self._resp.read1, 1 << 20)
-        return self._resp.read1(1 << 20)
+        return await _abortable(self._holder, self._resp.read1, 1 << 20)
 
 
 async def _abortable(holder: dict[str, Any], fn: Any, *args: Any) -> Any:
@@ -132,7 +191,7 @@ async def _abortable(holder: dict[str, Any], fn: Any, *args: Any) -> Any:
 
 class _Response:
     def __init__(self, resp: http.client.HTTPResponse, conn: http.client.HTTPConnection,
-                 method: str, threaded: bool, give_back: Any, holder: dict[str, Any]) -> None:
+                 method: str, give_back: Any, holder: dict[str, Any]) -> None:
         self._resp = resp
         self._conn = conn
         self._give_back = give_back
@@ -142,70 +201,44 @@ class _Response:
         self.content_length = int(length) if length and length.isdigit() else None
         if method == "HEAD":
             self.content_length = None
-        self.content = _Body(resp, threaded, holder)
+        self.content = _Body(resp, holder)
 
     def release(self) -> None:
         # A body read to its end leaves a connection that can carry the next request.
         reusable = self._resp.isclosed() and not self._resp.will_close
         self._resp.close()
-        if reusable and self._give_back is not None:
+        if reusable:
             self._give_back(self._conn)
         else:
             self._conn.close()
 
 
-class StdlibTransport(Transport):
-    """``http.client``, one request at a time, blocking the loop while it works.
-
-    Meant for a handful of small requests (manifest checks, tokens) where importing
-    aiohttp would cost more than the requests themselves. Honours ``add_hosts``; no
-    proxies, so it is used only when no proxy is configured.
-    """
+class ThreadedTransport(Transport):
+    """``http.client`` in worker threads: requests run concurrently without blocking
+    the loop, connections are kept alive and reused. Costs nothing to import, so a
+    command-line pull needs no aiohttp at all (blob bodies go through
+    :mod:`puller.threadfetch`). No proxies: use it only when none is configured."""
 
     errors = (OSError, asyncio.TimeoutError, http.client.HTTPException)
-    _threaded = False
 
     def __init__(self, *, timeout: float = 30.0, add_hosts: dict[str, str] | None = None,
                  user_agent: str = "puller") -> None:
-        self._timeout = timeout
-        self._hosts = dict(add_hosts or {})
+        self._pool = ConnectionPool(add_hosts=add_hosts, timeout=timeout)
         self._user_agent = user_agent
-        self._lock = threading.Lock()
-        self._idle: dict[tuple[str, str], list[http.client.HTTPConnection]] = {}
 
     async def request(self, method: str, url: str, *, headers: dict[str, str],
                       ssl_context: ssl.SSLContext | None, data: Any = None) -> Any:
-        return self._send(method, url, headers, ssl_context, data, {})
+        holder: dict[str, Any] = {}
+        return await _abortable(holder, self._send, method, url, headers, ssl_context, data,
+                                holder)
 
     async def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, {}
-        for conns in idle.values():
-            for c in conns:
-                c.close()
-
-    def _connection(self, parts: Any, ssl_context: ssl.SSLContext | None
-                    ) -> tuple[http.client.HTTPConnection, bool]:
-        key = (parts.scheme, parts.netloc)
-        with self._lock:
-            idle = self._idle.get(key)
-            if idle:
-                return idle.pop(), True
-        host = parts.hostname or ""
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        address = self._hosts.get(host, host)
-        if parts.scheme == "https":
-            if address != host:  # certificate checks and SNI use the name, not the address
-                return _NamedHTTPSConnection(host, address, port, self._timeout,
-                                             ssl_context), False
-            return http.client.HTTPSConnection(host, port, timeout=self._timeout,
-                                               context=ssl_context), False
-        return http.client.HTTPConnection(address, port, timeout=self._timeout), False
+        self._pool.close()
 
     def _send(self, method: str, url: str, headers: dict[str, str],
               ssl_context: ssl.SSLContext | None, data: Any, holder: dict[str, Any]) -> Any:
         if data is not None and not isinstance(data, (bytes, dict)):
-            raise TypeError("the http.client transports send only byte or form bodies")
+            raise TypeError("the http.client transport sends only byte or form bodies")
         parts = urlsplit(url)
         body = data
         hdrs = {"User-Agent": self._user_agent, "Accept-Encoding": "identity", **headers}
@@ -217,8 +250,7 @@ class StdlibTransport(Transport):
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
-        key = (parts.scheme, parts.netloc)
-        conn, reused = self._connection(parts, ssl_context)
+        conn, reused = self._pool.take(parts, ssl_context)
         holder["conn"] = conn  # lets a cancelled caller abort a blocked read
         try:
             try:
@@ -228,42 +260,13 @@ class StdlibTransport(Transport):
                 if not reused or holder.get("aborted"):
                     raise
                 conn.close()  # the server closed an idle connection: once more, fresh
-                conn, _ = self._connection(_Fresh(parts), ssl_context)
-                holder["conn"] = conn
+                conn = holder["conn"] = self._pool.new(parts, ssl_context)
                 conn.request(method, path, body=body, headers=hdrs)
                 resp = conn.getresponse()
         except BaseException:
             conn.close()
             raise
-
-        def give_back(c: http.client.HTTPConnection) -> None:
-            with self._lock:
-                self._idle.setdefault(key, []).append(c)
-
-        return _Response(resp, conn, method, self._threaded, give_back, holder)
-
-
-class _Fresh:
-    """URL parts that never match an idle connection (for the one retry above)."""
-
-    def __init__(self, parts: Any) -> None:
-        self.scheme, self.netloc = parts.scheme, parts.netloc + "\0fresh"
-        self.hostname, self.port = parts.hostname, parts.port
-
-
-class ThreadedTransport(StdlibTransport):
-    """``http.client`` in worker threads: requests run concurrently without blocking
-    the loop, connections are kept alive and reused. Costs nothing to import, so a
-    command-line pull needs no aiohttp at all (blob bodies go through
-    :mod:`puller.threadfetch` either way)."""
-
-    _threaded = True
-
-    async def request(self, method: str, url: str, *, headers: dict[str, str],
-                      ssl_context: ssl.SSLContext | None, data: Any = None) -> Any:
-        holder: dict[str, Any] = {}
-        return await _abortable(holder, self._send, method, url, headers, ssl_context, data,
-                                holder)
+        return _Response(resp, conn, method, lambda c: self._pool.give(parts, c), holder)
 
 
 class _NamedHTTPSConnection(http.client.HTTPSConnection):
