@@ -69,11 +69,13 @@ class UnpackReport:
 # -- streams -------------------------------------------------------------------------------
 
 
-class _HashingReader(io.RawIOBase):
-    """Reads ``raw`` and hashes what passes; ``count`` bytes so far."""
+class _Hashing(io.RawIOBase):
+    """Reads ``raw`` and hashes what passes; ``count`` bytes so far. Wraps the stored
+    (compressed) blob for its digest, and the decompressed tar for its diff_id."""
 
     def __init__(self, raw: BinaryIO, algorithm: str = "sha256") -> None:
         self._raw = raw
+        self._readinto = getattr(raw, "readinto", None)
         self.hasher = hashlib.new(algorithm)
         self.count = 0
 
@@ -81,42 +83,22 @@ class _HashingReader(io.RawIOBase):
         return True
 
     def readinto(self, b: Any) -> int:
-        data = self._raw.read(len(b))
-        if not data:
-            return 0
-        n = len(data)
-        b[:n] = data
-        self.hasher.update(data)
+        if self._readinto is not None:
+            n = self._readinto(b) or 0
+            if n:
+                self.hasher.update(memoryview(b)[:n])
+        else:
+            data = self._raw.read(len(b))
+            n = len(data)
+            b[:n] = data
+            self.hasher.update(data)
         self.count += n
         return n
 
-    def drain(self) -> None:
-        while self._raw.read(_CHUNK):
-            pass
-
-
-class _HashedSource(io.RawIOBase):
-    """The compressed blob, hashed as it is read (possibly by a decompressor)."""
-
-    def __init__(self, f: BinaryIO, algorithm: str) -> None:
-        self._f = f
-        self.hasher = hashlib.new(algorithm)
-        self.count = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        n = self._f.readinto(b)  # type: ignore[attr-defined]
-        if n:
-            self.hasher.update(memoryview(b)[:n])
-            self.count += n
-        return n or 0
-
     def finish(self) -> None:
-        """Read and hash whatever the decompressor left (trailing bytes)."""
+        """Read and hash whatever is left (trailing bytes, tar padding)."""
         while True:
-            chunk = self._f.read(_CHUNK)
+            chunk = self._raw.read(_CHUNK)
             if not chunk:
                 return
             self.hasher.update(chunk)
@@ -481,7 +463,7 @@ def _apply_layer(s: ContentStore, applier: _Applier, layer: Digest, size: int,
     with open_blob(s, layer) as f:
         if os.fstat(f.fileno()).st_size != size:
             raise StoreError(f"layer {layer} in the store is not {size} bytes (run `puller fsck`)")
-        src = _HashedSource(f, layer.algorithm)
+        src = _Hashing(f, layer.algorithm)
         head = f.read(4)
         src.hasher.update(head)
         src.count += len(head)
@@ -495,12 +477,12 @@ def _apply_layer(s: ContentStore, applier: _Applier, layer: Digest, size: int,
             stream, closer = _zstd_reader(joined)
         else:
             stream = joined
-        tar_hash = _HashingReader(stream)
+        tar_hash = _Hashing(stream)
         try:
             with tarfile.open(fileobj=io.BufferedReader(tar_hash, _CHUNK), mode="r|",
                               errorlevel=2) as tf:
                 applier.apply(tf)
-            tar_hash.drain()  # tar padding after the end-of-archive blocks
+            tar_hash.finish()  # tar padding after the end-of-archive blocks counts too
         except BaseException as exc:
             if closer is not None:
                 try:

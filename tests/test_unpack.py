@@ -228,3 +228,14 @@ def test_same_tree_as_umoci(registry, unique_repo, tmp_path):
     assert ours.keys() == theirs.keys()
     assert ours == theirs
     assert "layer81001/data" not in ours and ours["layer81000/README"][2] == b"changed"
+
+
+@pytest.mark.parametrize("how", ["none", "gzip"])
+def test_trailing_padding_counts_toward_the_diff_id(registry, unique_repo, tmp_path, how):
+    """A tar may carry zero padding after its end-of-archive blocks (tar pads to whole
+    records). It belongs to the layer's diff_id; make it longer than any read-ahead."""
+    padded = tar(("pad/", "dir"), ("pad/f", "file", b"x" * 3000)) + b"\0" * (3 << 20)
+    push_layers(registry, unique_repo, "p", [(padded, how)])
+    r, root = pull_and_unpack(registry, unique_repo, "p", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (root / "pad" / "f").read_bytes() == b"x" * 3000
