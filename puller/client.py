@@ -206,6 +206,7 @@ class RegistryClient:
         self._sent_credentials: set[str] = set()  # hosts (or their realms) given a login
         self._ssl: dict[str, ssl.SSLContext] = {}
         self._schemes: dict[str, str] = {}  # host -> scheme that worked
+        self._probes: dict[str, asyncio.Lock] = {}  # host -> held while its scheme is found
         self._insecure = {h.strip() for h in self.options.insecure_registries if h.strip()}
         env = os.environ.get("PULLER_INSECURE_REGISTRIES", "")
         self._insecure.update(h.strip() for h in env.split(",") if h.strip())
@@ -274,18 +275,11 @@ class RegistryClient:
 
     async def _error_for(self, resp: Any, host: str, what: str) -> PullerError:
         """Map an error status into an exception; reads a bounded part of the body."""
-        code = detail = None
         try:
             body = await resp.content.read(_ERROR_BODY_LIMIT)
-            doc = json.loads(body) if body else None
-            if isinstance(doc, dict) and isinstance(doc.get("errors"), list) and doc["errors"]:
-                first = doc["errors"][0]
-                if isinstance(first, dict):
-                    code = first.get("code") if isinstance(first.get("code"), str) else None
-                    msg = first.get("message")
-                    detail = msg if isinstance(msg, str) else None
-        except (ValueError, *self.transport_errors):
-            pass
+        except self.transport_errors:
+            body = b""
+        code, detail = error_code(body)
         return self.status_error(resp.status, resp.headers, host, what, code=code,
                                  detail=detail)
 
@@ -427,6 +421,19 @@ class RegistryClient:
                      **auth},
             ssl_for=self._ssl_for, timeout=self.options.stall_timeout)
 
+    async def upload_request(self, ref: Reference, location: str) -> BlobRequest | None:
+        """What a worker thread needs to send an upload's bytes itself (see
+        :mod:`puller.threadpush`): the upload's absolute URL and the push auth header.
+        None where :meth:`blob_request` would be."""
+        host = ref.api_host
+        if host not in self._schemes or proxy_configured():
+            return None
+        auth = await self._auth_header(ref, self.push_scope(ref))
+        return BlobRequest(
+            url=f"{self._schemes[host]}://{host}{self._upload_path(ref, location)}",
+            headers={"User-Agent": self.options.user_agent, **auth},
+            ssl_for=self._ssl_for, timeout=self.options.stall_timeout)
+
     async def _answer_challenge(self, ref: Reference, resp: Any,
                                 sent: dict[str, str], scope: str) -> bool:
         """After a 401: learn what the registry wants. True when a retry can succeed."""
@@ -471,6 +478,33 @@ class RegistryClient:
         scope = pull_scope(ref.repository) if scope is None else scope
         base_headers = dict(headers or {})
         auth_round = 0
+        probing: asyncio.Lock | None = None
+        if host not in self._schemes:
+            # The first request to a host finds out how to reach it (TLS or, for a
+            # loopback or insecure registry, plain HTTP); requests started meanwhile wait
+            # for the answer instead of each trying TLS first.
+            probing = self._probes.setdefault(host, asyncio.Lock())
+            await probing.acquire()
+            if host in self._schemes:
+                probing.release()
+                probing = None
+        try:
+            async with self._request_settled(method, ref, path, what=what, scope=scope,
+                                             base_headers=base_headers, data=data,
+                                             auth_round=auth_round) as resp:
+                if probing is not None:
+                    probing.release()
+                    probing = None
+                yield resp
+        finally:
+            if probing is not None:
+                probing.release()
+
+    @asynccontextmanager
+    async def _request_settled(self, method: str, ref: Reference, path: str, *, what: str,
+                               scope: str, base_headers: dict[str, str], data: Any,
+                               auth_round: int) -> AsyncIterator[Any]:
+        host = ref.api_host
         while True:
             scheme = self._scheme(host)
             origin = f"{scheme}://{host}{path}"
@@ -801,7 +835,7 @@ class RegistryClient:
                                  data=body) as resp:
             if resp.status != 202:
                 raise await self._error_for(resp, ref.api_host, what)
-            held = _upload_range(resp.headers.get("Range"))
+            held = upload_range(resp.headers.get("Range"))
             return resp.headers.get("Location") or location, \
                 start + length if held is None else held
 
@@ -829,7 +863,7 @@ class RegistryClient:
                                  scope=self.push_scope(ref)) as resp:
             if resp.status not in (200, 204):
                 raise await self._error_for(resp, ref.api_host, what)
-            held = _upload_range(resp.headers.get("Range"))
+            held = upload_range(resp.headers.get("Range"))
             return resp.headers.get("Location") or location, held or 0
 
     async def cancel_upload(self, ref: Reference, location: str) -> None:
@@ -884,6 +918,22 @@ class RegistryClient:
         return tags
 
 
+def error_code(body: bytes) -> tuple[str | None, str | None]:
+    """The first ``{"errors": [{"code", "message"}]}`` entry of a registry's error body."""
+    try:
+        doc = json.loads(body) if body else None
+    except ValueError:
+        return None, None
+    if isinstance(doc, dict) and isinstance(doc.get("errors"), list) and doc["errors"]:
+        first = doc["errors"][0]
+        if isinstance(first, dict):
+            code = first.get("code")
+            msg = first.get("message")
+            return (code if isinstance(code, str) else None,
+                    msg if isinstance(msg, str) else None)
+    return None, None
+
+
 def _rate_value(value: str | None) -> tuple[int, int | None] | None:
     """``"76;w=21600"`` -> (76, 21600)."""
     if not value:
@@ -900,7 +950,7 @@ def _rate_value(value: str | None) -> tuple[int, int | None] | None:
     return n, window
 
 
-def _upload_range(value: str | None) -> int | None:
+def upload_range(value: str | None) -> int | None:
     """An upload's ``Range: 0-N`` header as the number of bytes held (N + 1)."""
     if not value:
         return None

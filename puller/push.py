@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Protoc
 
 from . import mediatypes
 from .digest import Digest
-from .errors import ManifestError, NotFound, PullerError, SizeMismatch, StoreError, \
+from .errors import DigestMismatch, ManifestError, NotFound, PullerError, SizeMismatch, StoreError, \
     TransportError, UnsupportedManifest
 from .manifest import MAX_MANIFEST_SIZE, Descriptor, ImageIndex, ImageManifest, parse_manifest
 from .platform import Platform, select
@@ -53,6 +53,7 @@ class TransferOptions:
     chunk_size: int = 32 << 20  # blobs above this go up in PATCH chunks of this size
     mount: bool = True  # cross-repository mounts within the target registry
     retries: int = 5  # extra attempts of an upload after a transient failure
+    threaded: bool = True  # send blob bytes from worker threads (see puller.threadpush)
 
     def __post_init__(self) -> None:
         if not 1 <= self.concurrency <= 256:
@@ -91,6 +92,15 @@ class BlobSource(Protocol):
         """An async context manager yielding an async iterator of the bytes from
         ``offset`` on."""
 
+    async def thread_reader(self, offset: int, handle: Any, pool: Any
+                            ) -> Callable[[], Any] | None:
+        """A function that opens the bytes from ``offset`` on as a
+        :class:`puller.threadpush.Reader`, called in a worker thread; None when this
+        source can't be read that way."""
+
+    async def refresh(self) -> None:
+        """Earn fresh credentials after the source refused the ones a thread sent."""
+
 
 class _StoreBlob:
     def __init__(self, store: ContentStore, desc: Descriptor) -> None:
@@ -126,6 +136,25 @@ class _StoreBlob:
         finally:
             os.close(fd)
 
+    async def thread_reader(self, offset: int, handle: Any, pool: Any
+                            ) -> Callable[[], Any] | None:
+        from .threadpush import FileReader
+
+        path = str(self.store.blob_path(self.desc.digest))
+        digest = self.desc.digest
+
+        def make() -> Any:
+            try:
+                return FileReader(path, offset)
+            except OSError as exc:
+                raise StoreError(f"cannot read blob {digest} from the store: "
+                                 f"{exc.strerror}") from exc
+
+        return make
+
+    async def refresh(self) -> None:
+        pass
+
 
 class _RegistryBlob:
     def __init__(self, client: RegistryClient, ref: Reference, desc: Descriptor) -> None:
@@ -135,6 +164,19 @@ class _RegistryBlob:
 
     async def prepare(self) -> None:
         pass
+
+    async def thread_reader(self, offset: int, handle: Any, pool: Any
+                            ) -> Callable[[], Any] | None:
+        from .threadpush import RegistryReader
+
+        req = await self.client.blob_request(self.ref, self.desc.digest)
+        if req is None:
+            return None
+        size, what = self.desc.size, f"fetching blob {self.desc.digest}"
+        return lambda: RegistryReader(req, offset, size, handle=handle, pool=pool, what=what)
+
+    async def refresh(self) -> None:
+        await self.client.blob_exists(self.ref, self.desc.digest)
 
     @asynccontextmanager
     async def open(self, offset: int) -> AsyncIterator[AsyncIterator[bytes]]:
@@ -318,6 +360,17 @@ class Transfer:
         # (registry, digest) -> an upload of it in progress in this run
         self._uploads: dict[tuple[str, Digest], asyncio.Future[str]] = {}
         self.stats = ImageStats()
+        self._pool: Any = None  # http.client connections of the upload threads
+        self._threads: Any = None  # one worker thread per upload in flight
+
+    async def aclose(self) -> None:
+        """Stop the upload threads and close their connections (after the run)."""
+        threads, self._threads = self._threads, None
+        if threads is not None:
+            await asyncio.to_thread(threads.shutdown, wait=True)
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     # -- blobs --------------------------------------------------------------------------
 
@@ -397,8 +450,6 @@ class Transfer:
 
     async def _upload(self, target: Reference, desc: Descriptor, source: BlobSource,
                       location: str | None) -> None:
-        import aiohttp
-
         from .client import retry_delay
 
         client = self.client
@@ -411,6 +462,9 @@ class Transfer:
                 if location is None:
                     location = await client.start_upload(target)
                     offset = 0
+                if self.options.threaded and await self._upload_in_thread(
+                        target, desc, source, location, offset):
+                    return
                 if size <= chunk:
                     async with source.open(0) as data:
                         await client.finish_upload(target, location, digest,
@@ -426,13 +480,14 @@ class Transfer:
                             raise TransportError(f"{target.api_host} holds {held} bytes of "
                                                  f"{digest} after a chunk ending at {offset + n}")
                         offset = held
-                        self._emit({"event": "blob.progress", "ref": str(target),
-                                    "digest": str(digest), "complete": offset, "total": size})
+                        self._progress(target, digest, offset, size)
                 await client.finish_upload(target, location, digest)
                 return
-            except (PullerError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            except (PullerError, *client.transport_errors) as exc:
                 err = exc if isinstance(exc, PullerError) else client.map_transport(
                     exc, target.api_host, f"uploading {digest}")
+                # A chunked upload that failed in a thread says where it had got to.
+                location = getattr(exc, "upload_location", None) or location
                 if not err.retryable or attempt >= self.options.retries:
                     if location is not None:
                         await client.cancel_upload(target, location)
@@ -453,6 +508,109 @@ class Transfer:
                                 "digest": str(digest), "offset": offset, "total": size})
                 except PullerError:
                     location = None  # the registry lost (or won't resume) it: start again
+
+    def _progress(self, target: Reference, digest: Digest, done: int, size: int) -> None:
+        self._emit({"event": "blob.progress", "ref": str(target), "digest": str(digest),
+                    "complete": done, "total": size})
+
+    async def _upload_in_thread(self, target: Reference, desc: Descriptor,
+                                source: BlobSource, location: str, offset: int) -> bool:
+        """Send the bytes from ``offset`` on in a worker thread (:mod:`puller.threadpush`).
+        False when this upload can't go that way (the caller sends it itself)."""
+        import functools
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .threadfetch import Handle, NotPlain
+        from .threadpush import send_blob
+        from .transport import ConnectionPool
+
+        client = self.client
+        digest = desc.digest
+        loop = asyncio.get_running_loop()
+        if self._pool is None:
+            self._pool = ConnectionPool(add_hosts=dict(client.options.add_hosts),
+                                        timeout=client.options.connect_timeout)
+            self._threads = ThreadPoolExecutor(max_workers=self.options.concurrency,
+                                               thread_name_prefix="puller-upload")
+        for refreshed in (False, True):
+            handle = Handle()
+            up = await client.upload_request(target, location)
+            make = await source.thread_reader(offset, handle, self._pool)
+            if up is None or make is None:
+                return False
+
+            def progress(done: int) -> None:  # in the worker thread
+                loop.call_soon_threadsafe(self._progress, target, digest, done, desc.size)
+
+            def run(up: Any = up, make: Any = make, handle: Any = handle) -> None:
+                try:
+                    reader = make()
+                except NotPlain as np:
+                    np.side = "source"
+                    raise
+                try:
+                    send_blob(up, reader, digest=digest, size=desc.size, offset=offset,
+                              chunk=self.options.chunk_size, handle=handle, pool=self._pool,
+                              progress=progress)
+                finally:
+                    reader.close()
+
+            sending = loop.run_in_executor(self._threads, functools.partial(run))
+            try:
+                await asyncio.shield(sending)
+                return True
+            except asyncio.CancelledError:
+                handle.cancel()
+                while not sending.done():  # the thread must stop before anyone else sends
+                    try:
+                        await asyncio.wait([sending])
+                    except asyncio.CancelledError:
+                        pass
+                if not sending.cancelled():
+                    sending.exception()  # retrieved: it is the cancellation we asked for
+                raise
+            except NotPlain as np:
+                from_source = getattr(np, "side", None) == "source"
+                challenged = np.status == 401 and np.headers is not None and \
+                    np.headers.get("WWW-Authenticate")
+                if challenged and not refreshed:  # a token expired: earn a new one, again
+                    if from_source:
+                        await source.refresh()
+                    else:
+                        location, _ = await client.upload_status(target, location)
+                    continue
+                err = self._not_plain(np, target, desc, source, from_source)
+                err.upload_location = getattr(np, "upload_location", None)  # type: ignore
+                raise err from None
+        return False  # not reached
+
+    def _not_plain(self, np: Any, target: Reference, desc: Descriptor, source: BlobSource,
+                   from_source: bool) -> PullerError:
+        from .client import error_code
+
+        if np.status is None:
+            host = getattr(source, "ref", target).api_host if from_source else target.api_host
+            err = TransportError(f"{host} sent an unusable answer ({np}) while "
+                                 f"{'fetching' if from_source else 'uploading'} blob "
+                                 f"{desc.digest}")
+            err.retryable = False
+            return err
+        code, detail = error_code(np.body)
+        if from_source:
+            ref = source.ref  # type: ignore[attr-defined]
+            err = self.client.status_error(np.status, np.headers, ref.api_host,
+                                           f"fetching blob {desc.digest}", code=code,
+                                           detail=detail)
+            if isinstance(err, NotFound):
+                err = NotFound(f"blob {desc.digest} not found in {ref.name}", status=404,
+                               host=ref.api_host)
+            return err
+        if code in ("DIGEST_INVALID", "SIZE_INVALID"):
+            return DigestMismatch(f"{target.api_host} refused blob {desc.digest}: the bytes "
+                                  f"sent do not hash to it")
+        return self.client.status_error(np.status, np.headers, target.api_host,
+                                        f"uploading blob {desc.digest} to {target.name}",
+                                        code=code, detail=detail)
 
     # -- manifests ------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import http.client
 import re
 import socket
 import threading
-from typing import Callable
+from typing import Any, Callable
 from urllib.parse import urljoin, urlsplit
 
 from .client import BlobRequest
@@ -28,7 +28,7 @@ from .errors import SizeMismatch
 from .store import BlobWriter
 from .transport import ConnectionPool, describe_network_error
 
-__all__ = ["NotPlain", "Cancelled", "fetch_into"]
+__all__ = ["NotPlain", "Cancelled", "Handle", "fetch_into", "open_get"]
 
 _CHUNK = 1 << 20
 _REPORT_EVERY = 256 * 1024  # bytes between progress reports to the event loop
@@ -42,10 +42,11 @@ class NotPlain(Exception):
     a 401 (a challenge) or an oddity to the full client."""
 
     def __init__(self, reason: str, status: int | None = None,
-                 headers: object = None) -> None:
+                 headers: object = None, body: bytes = b"") -> None:
         super().__init__(reason)
         self.status = status
         self.headers = headers
+        self.body = body  # the start of an error body, where one was read
 
 
 class Cancelled(Exception):
@@ -53,24 +54,29 @@ class Cancelled(Exception):
 
 
 class Handle:
-    """Lets the event loop stop a thread that is blocked in a socket read."""
+    """Lets the event loop stop a thread that is blocked in a socket read (or write).
+    A thread that talks to two servers at once (a copy) attaches both sockets, each
+    in its own slot."""
 
     def __init__(self) -> None:
         self.cancelled = threading.Event()
         self._lock = threading.Lock()
-        self._sock: socket.socket | None = None
+        self._socks: dict[int, socket.socket] = {}
 
-    def attach(self, sock: socket.socket | None) -> None:
+    def attach(self, sock: socket.socket | None, slot: int = 0) -> None:
         with self._lock:
-            self._sock = sock
-            if self.cancelled.is_set() and sock is not None:
+            if sock is None:
+                self._socks.pop(slot, None)
+                return
+            self._socks[slot] = sock
+            if self.cancelled.is_set():
                 _shutdown(sock)
 
     def cancel(self) -> None:
         self.cancelled.set()
         with self._lock:
-            if self._sock is not None:
-                _shutdown(self._sock)
+            for sock in self._socks.values():
+                _shutdown(sock)
 
 
 def _shutdown(sock: socket.socket) -> None:
@@ -84,7 +90,32 @@ def fetch_into(req: BlobRequest, writer: BlobWriter, *, handle: Handle,
                progress: Callable[[int], None], pool: ConnectionPool) -> int:
     """Receive the rest of the blob into ``writer`` (from ``writer.offset``), hashing as
     it goes. Returns the bytes received; the caller commits. Runs in a worker thread."""
-    offset = writer.offset
+    resp, conn, target, start = open_get(req, writer.offset, writer.size, handle=handle,
+                                         pool=pool, what=f"fetching blob {writer.digest}")
+    keep = False
+    try:
+        if start != writer.offset:
+            writer.restart()  # the server ignored Range: take it all again
+        got = _receive(resp, conn, writer, handle, progress, urlsplit(req.url).netloc,
+                       req.timeout)
+        keep = not resp.will_close and not resp.chunked
+        return got
+    finally:
+        handle.attach(None)
+        if keep:
+            resp.close()  # the body was read to its end: the connection can be reused
+            pool.give(target, conn)
+        else:
+            conn.close()
+
+
+def open_get(req: BlobRequest, offset: int, size: int, *, handle: Handle,
+             pool: ConnectionPool, what: str
+             ) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection, Any, int]:
+    """``GET`` a blob from ``offset`` (of ``size``), following redirects. Returns the
+    response (headers read, body not), its connection, the URL parts it came from and
+    where its body starts: ``offset``, or 0 when the server ignored ``Range``. The
+    connection's socket is attached to ``handle``; the caller closes or gives it back."""
     url = req.url
     origin = urlsplit(req.url)
     for _ in range(_MAX_REDIRECTS + 1):
@@ -99,9 +130,8 @@ def fetch_into(req: BlobRequest, writer: BlobWriter, *, handle: Handle,
             raise Cancelled()
         ssl_context = req.ssl_for(target.netloc) if target.scheme == "https" else None
         conn, reused = pool.take(target, ssl_context)
-        keep = False
+        path = target.path + (f"?{target.query}" if target.query else "")
         try:
-            path = target.path + (f"?{target.query}" if target.query else "")
             try:
                 if conn.sock is None:
                     conn.connect()
@@ -109,44 +139,35 @@ def fetch_into(req: BlobRequest, writer: BlobWriter, *, handle: Handle,
                 conn.request("GET", path, headers=headers)
                 resp = conn.getresponse()
             except (OSError, http.client.HTTPException) as exc:
-                if reused:  # the server closed an idle connection: a fresh one
-                    conn.close()
-                    conn = pool.new(target, ssl_context)
-                    try:
-                        conn.connect()
-                        handle.attach(conn.sock)
-                        conn.request("GET", path, headers=headers)
-                        resp = conn.getresponse()
-                    except (OSError, http.client.HTTPException) as exc2:
-                        raise describe_network_error(
-                            exc2, origin.netloc, f"fetching blob {writer.digest}") from exc2
-                else:
-                    raise describe_network_error(exc, origin.netloc,
-                                                 f"fetching blob {writer.digest}") from exc
+                if not reused:
+                    raise describe_network_error(exc, origin.netloc, what) from exc
+                conn.close()  # the server closed an idle connection: a fresh one
+                conn = pool.new(target, ssl_context)
+                try:
+                    conn.connect()
+                    handle.attach(conn.sock)
+                    conn.request("GET", path, headers=headers)
+                    resp = conn.getresponse()
+                except (OSError, http.client.HTTPException) as exc2:
+                    raise describe_network_error(exc2, origin.netloc, what) from exc2
             if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
                 url = urljoin(url, resp.getheader("Location"))
+                handle.attach(None)
+                conn.close()
                 continue
             if resp.status == 206 and offset:
                 m = _CONTENT_RANGE.match(resp.getheader("Content-Range") or "")
-                if not (m and int(m.group(1)) == offset and int(m.group(2)) == writer.size - 1
-                        and m.group(3) in ("*", str(writer.size))):
+                if not (m and int(m.group(1)) == offset and int(m.group(2)) == size - 1
+                        and m.group(3) in ("*", str(size))):
                     raise NotPlain("unusable Content-Range")
-            elif resp.status == 200:
-                if offset:
-                    writer.restart()  # the server ignored Range: take it all again
-                    offset = 0
-            else:
-                raise NotPlain(f"HTTP {resp.status}", resp.status, resp.headers)
-            got = _receive(resp, conn, writer, handle, progress, origin.netloc, req.timeout)
-            keep = not resp.will_close and not resp.chunked
-            return got
-        finally:
+                return resp, conn, target, offset
+            if resp.status == 200:
+                return resp, conn, target, 0
+            raise NotPlain(f"HTTP {resp.status}", resp.status, resp.headers)
+        except BaseException:
             handle.attach(None)
-            if keep:
-                resp.close()  # the body was read to its end: the connection can be reused
-                pool.give(target, conn)
-            else:
-                conn.close()
+            conn.close()
+            raise
     raise NotPlain("too many redirects")
 
 

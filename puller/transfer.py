@@ -282,7 +282,8 @@ def _push_command(args: argparse.Namespace) -> int:
         from .client import RegistryClient
         from .push import ImageStats, StoreProvider, Transfer
 
-        async with RegistryClient(client_options) as client:
+        async with RegistryClient(client_options,
+                                  transport=_command_transport(client_options)) as client:
             transfer = Transfer(client, options, emit=out.event)
 
             async def one(ref: Reference) -> bool:
@@ -322,7 +323,10 @@ def _push_command(args: argparse.Namespace) -> int:
 
             import asyncio
 
-            results = await asyncio.gather(*(one(r) for r in refs))
+            try:
+                results = await asyncio.gather(*(one(r) for r in refs))
+            finally:
+                await transfer.aclose()
         return EXIT_OK if all(results) else EXIT_FAILED
 
     return _run(run, out)
@@ -441,6 +445,15 @@ def _blob_summary(stats: Any) -> str:
             f"{_human(stats.bytes_reused)} reused")
 
 
+def _command_transport(client_options: Any) -> Any:
+    """Push, copy and mirror talk to registries like ``pull`` does: ``http.client`` in
+    threads (blob bytes go through :mod:`puller.threadpush`), aiohttp only where a proxy
+    is configured."""
+    from .cli import _pull_transport
+
+    return _pull_transport(client_options)
+
+
 class _Engine:
     """Client + transfer (+ the store and a download scheduler for --via-store)."""
 
@@ -460,7 +473,8 @@ class _Engine:
         from .client import RegistryClient
         from .push import Transfer
 
-        self.client = await RegistryClient(self.client_options).__aenter__()
+        self.client = await RegistryClient(
+            self.client_options, transport=_command_transport(self.client_options)).__aenter__()
         self.transfer = Transfer(self.client, self.options, emit=self.out.event)
         if getattr(self.args, "via_store", False):
             import asyncio
@@ -482,6 +496,7 @@ class _Engine:
         try:
             if self.scheduler is not None:
                 await self.scheduler.aclose()
+            await self.transfer.aclose()
             await self.client.__aexit__(None, None, None)
         finally:
             if self._executor is not None:

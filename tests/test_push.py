@@ -98,8 +98,9 @@ def test_push_monolithic_and_chunked_to_another_registry(registry, registry_fact
     assert skopeo_raw(f"{other.host}/pushed/app:v1") == img.manifest
 
 
+@pytest.mark.parametrize("threaded", [True, False], ids=["thread", "event-loop"])
 async def test_interrupted_chunked_upload_resumes_from_the_registry_s_offset(
-        registry, registry_factory, fault_proxy, unique_repo, store_dir):
+        registry, registry_factory, fault_proxy, unique_repo, store_dir, threaded):
     from puller.client import ClientOptions, RegistryClient
     from puller.push import StoreProvider, Transfer, TransferOptions
     from puller.reference import Reference
@@ -116,20 +117,17 @@ async def test_interrupted_chunked_upload_resumes_from_the_registry_s_offset(
     chunk = 1 << 20
     async with RegistryClient(ClientOptions(retries=2, backoff_base=0.01),
                               credentials=None) as client:
-        calls = {"n": 0}
-        real = client.upload_chunk
-
-        async def upload_chunk(*a, **kw):
-            calls["n"] += 1
-            if calls["n"] == 3:  # the third chunk's PATCH is refused on the wire
-                front.status(503, path_regex=r"/blobs/uploads/", method="PATCH", times=1)
-            return await real(*a, **kw)
-
-        client.upload_chunk = upload_chunk
+        # the third chunk's PATCH is refused on the wire
+        front.status(503, path_regex=r"/blobs/uploads/", method="PATCH", times=1, skip=2)
         store = ContentStore(store_dir)
-        transfer = Transfer(client, TransferOptions(chunk_size=chunk), emit=events.append)
+        transfer = Transfer(client, TransferOptions(chunk_size=chunk, threaded=threaded),
+                            emit=events.append)
         provider = StoreProvider(store, src)
-        digest = await transfer.push_image(provider, img.manifest, img.media_type, target, "r")
+        try:
+            digest = await transfer.push_image(provider, img.manifest, img.media_type, target,
+                                               "r")
+        finally:
+            await transfer.aclose()
     assert str(digest) == img.digest
     resumed = [e for e in events if e["event"] == "blob.resumed"]
     assert [e["offset"] for e in resumed] == [2 * chunk]

@@ -166,11 +166,14 @@ class FaultProxy:
                                digest=digest))
 
     def status(self, code: int, path_regex: str = r"", times: int | None = 1,
-               headers: dict | None = None, method: str | None = None, body: bytes | None = None):
+               headers: dict | None = None, method: str | None = None, body: bytes | None = None,
+               skip: int = 0):
         """Answer requests whose path matches ``path_regex`` (re.search) with ``code`` instead
-        of forwarding them (e.g. 500, 503, 429 with ``headers={"Retry-After": "1"}``)."""
+        of forwarding them (e.g. 500, 503, 429 with ``headers={"Retry-After": "1"}``), after
+        letting the first ``skip`` of them through."""
         return self._add(_Rule("status", times,
-                               {"code": code, "headers": dict(headers or {}), "body": body},
+                               {"code": code, "headers": dict(headers or {}), "body": body,
+                                "skip": skip},
                                path_re=re.compile(path_regex),
                                methods=(method.upper(),) if method else None))
 
@@ -186,6 +189,9 @@ class FaultProxy:
         with self._lock:
             for r in self._rules:
                 if r.kind in kinds and r.matches(method, path, has_range):
+                    if r.params.get("skip"):
+                        r.params["skip"] -= 1
+                        continue
                     if r.times is not None:
                         r.times -= 1
                     r.fired += 1
