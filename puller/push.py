@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Protoc
 
 from . import mediatypes
 from .digest import Digest
-from .errors import DigestMismatch, ManifestError, NotFound, PullerError, SizeMismatch, StoreError, \
+from .errors import DigestMismatch, IntegrityError, ManifestError, NotFound, PullerError, SizeMismatch, StoreError, \
     TransportError, UnsupportedManifest
 from .manifest import MAX_MANIFEST_SIZE, Descriptor, ImageIndex, ImageManifest, parse_manifest
 from .platform import Platform, select
@@ -186,20 +186,21 @@ class _RegistryBlob:
 
             async def chunks() -> AsyncIterator[bytes]:
                 nonlocal skip
-                import aiohttp
-
+                content = stream.content
+                read_nowait = getattr(content, "read_nowait", None)  # aiohttp's
                 try:
                     while True:
-                        data = await stream.content.readany()
+                        data = await content.readany()
                         if not data:
                             return
                         # Fewer, larger writes to the target: join what is already
                         # buffered (bounded; nothing waits for more to arrive).
-                        if len(data) < _READ and stream.content.is_eof() is False:
+                        if read_nowait is not None and len(data) < _READ and \
+                                content.is_eof() is False:
                             parts = [data]
                             size = len(data)
                             while size < _READ:
-                                more = stream.content.read_nowait(_READ - size)
+                                more = read_nowait(_READ - size)
                                 if not more:
                                     break
                                 parts.append(more)
@@ -213,11 +214,24 @@ class _RegistryBlob:
                             if not data:
                                 continue
                         yield data
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                except self.client.transport_errors as exc:
                     raise self.client.map_transport(exc, self.ref.api_host,
                                                     f"fetching blob {self.desc.digest}") from exc
 
             yield chunks()
+
+
+class _Empty:
+    """A reader with nothing in it (an upload whose bytes are all sent already)."""
+
+    def readinto(self, view: memoryview) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+_EMPTY = _Empty()
 
 
 class _CachedBlob(_StoreBlob):
@@ -497,10 +511,12 @@ class Transfer:
                 self._emit({"event": "blob.retry", "ref": str(target), "digest": str(digest),
                             "attempt": attempt, "error": str(err), "delay": round(delay, 3)})
                 await asyncio.sleep(delay)
-                if location is None or size <= chunk:
+                if location is None or size <= chunk or isinstance(err, IntegrityError):
                     if location is not None:
                         await client.cancel_upload(target, location)
-                    location = None  # a fresh upload; a half-sent PUT can't be resumed
+                    # A fresh upload: a half-sent PUT can't be resumed, and bytes that
+                    # did not hash right must not be built upon.
+                    location = None
                     continue
                 try:
                     location, offset = await client.upload_status(target, location)
@@ -544,7 +560,8 @@ class Transfer:
 
             def run(up: Any = up, make: Any = make, handle: Any = handle) -> None:
                 try:
-                    reader = make()
+                    # Nothing left to read when the registry holds every byte already.
+                    reader = make() if offset < desc.size else _EMPTY
                 except NotPlain as np:
                     np.side = "source"
                     raise

@@ -175,8 +175,22 @@ async def _abortable(holder: dict[str, Any], fn: Any, *args: Any) -> Any:
     """Run blocking socket work in a thread; if we are cancelled meanwhile, shut the
     socket down so the thread returns now instead of at its timeout (Ctrl-C must not
     wait for a stalled registry)."""
+    return await _abort_on_cancel(holder, asyncio.to_thread(fn, *args))
+
+
+def _pieces(data: Any, loop: asyncio.AbstractEventLoop) -> Any:
+    """An async iterator of bytes as a plain iterator, for a worker thread."""
+    it = data.__aiter__()
+    while True:
+        try:
+            yield asyncio.run_coroutine_threadsafe(it.__anext__(), loop).result()
+        except StopAsyncIteration:
+            return
+
+
+async def _abort_on_cancel(holder: dict[str, Any], work: Any) -> Any:
     try:
-        return await asyncio.to_thread(fn, *args)
+        return await work
     except asyncio.CancelledError:
         holder["aborted"] = True
         conn = holder.get("conn")
@@ -225,20 +239,36 @@ class ThreadedTransport(Transport):
                  user_agent: str = "puller") -> None:
         self._pool = ConnectionPool(add_hosts=add_hosts, timeout=timeout)
         self._user_agent = user_agent
+        self._streams: Any = None  # threads that send streamed bodies
 
     async def request(self, method: str, url: str, *, headers: dict[str, str],
                       ssl_context: ssl.SSLContext | None, data: Any = None) -> Any:
         holder: dict[str, Any] = {}
+        if hasattr(data, "__aiter__"):
+            # A streamed body: the sending thread pulls each piece from the event loop.
+            # It gets a thread of its own, so the reads that produce the pieces (which
+            # use the loop's default threads) can never wait behind it.
+            from concurrent.futures import ThreadPoolExecutor
+
+            loop = asyncio.get_running_loop()
+            if self._streams is None:
+                self._streams = ThreadPoolExecutor(max_workers=64,
+                                                   thread_name_prefix="puller-stream")
+            body = _pieces(data, loop)
+            sending = loop.run_in_executor(self._streams, self._send, method, url, headers,
+                                           ssl_context, body, holder)
+            return await _abort_on_cancel(holder, sending)
         return await _abortable(holder, self._send, method, url, headers, ssl_context, data,
                                 holder)
 
     async def close(self) -> None:
         self._pool.close()
+        if self._streams is not None:
+            streams, self._streams = self._streams, None
+            await asyncio.to_thread(streams.shutdown, wait=True)
 
     def _send(self, method: str, url: str, headers: dict[str, str],
               ssl_context: ssl.SSLContext | None, data: Any, holder: dict[str, Any]) -> Any:
-        if data is not None and not isinstance(data, (bytes, dict)):
-            raise TypeError("the http.client transport sends only byte or form bodies")
         parts = urlsplit(url)
         body = data
         hdrs = {"User-Agent": self._user_agent, "Accept-Encoding": "identity", **headers}
@@ -250,7 +280,10 @@ class ThreadedTransport(Transport):
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
-        conn, reused = self._pool.take(parts, ssl_context)
+        if data is None or isinstance(data, (bytes, dict)):
+            conn, reused = self._pool.take(parts, ssl_context)
+        else:  # a stream can't be sent twice: no idle connection that may have gone stale
+            conn, reused = self._pool.new(parts, ssl_context), False
         holder["conn"] = conn  # lets a cancelled caller abort a blocked read
         try:
             try:

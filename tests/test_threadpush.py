@@ -1,0 +1,136 @@
+"""Uploads sent from worker threads (puller.threadpush) and the event-loop path beside them:
+redirects at the source, tokens that stop working mid-run, bad bytes, and a copy that goes
+entirely through the http.client transport."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from puller.auth import Token
+from puller.client import ClientOptions, RegistryClient
+from puller.digest import Digest
+from puller.errors import DigestMismatch
+from puller.push import RegistryProvider, Transfer, TransferOptions
+from puller.reference import Reference
+from puller.transport import ThreadedTransport
+from tests.support.images import build_image, push
+from tests.test_auth import _RedirectingFront
+from tests.test_push import run, skopeo_raw, uploads
+
+pytestmark = pytest.mark.filterwarnings("error")
+
+
+async def _copy(client: RegistryClient, src: str, dst: str, options: TransferOptions,
+                events: list[dict] | None = None) -> str:
+    source, target = Reference.parse(src), Reference.parse(dst)
+    fetched = await client.get_manifest(source)
+    transfer = Transfer(client, options, emit=(events.append if events is not None
+                                                else lambda ev: None))
+    try:
+        digest = await transfer.push_image(RegistryProvider(client, source), fetched.data,
+                                           fetched.media_type, target, target.tag or "latest")
+    finally:
+        await transfer.aclose()
+    return str(digest)
+
+
+@pytest.mark.parametrize("threaded", [True, False], ids=["thread", "event-loop"])
+async def test_copy_over_http_client_transport(registry, registry_factory, fault_proxy,
+                                               unique_repo, threaded):
+    """Both upload paths work over the http.client transport the command line uses:
+    a small blob in one PUT, a large one in PATCH chunks."""
+    img = build_image(seed=611, layer_sizes=[2_600_000, 3_000])
+    push(registry.url, unique_repo, "t", img)
+    other = registry_factory()
+    front = fault_proxy(other)
+    transport = ThreadedTransport(timeout=30)
+    async with RegistryClient(ClientOptions(), credentials=None, transport=transport) as client:
+        digest = await _copy(client, f"{registry.host}/{unique_repo}:t",
+                             f"{front.host}/over/http:t",
+                             TransferOptions(chunk_size=1 << 20, threaded=threaded))
+    assert digest == img.digest
+    assert skopeo_raw(f"{other.host}/over/http:t") == img.manifest
+    patches = [q for q in front.requests if q["method"] == "PATCH"]
+    assert len(patches) == 3  # 2.6 MB in 1 MiB chunks
+    assert len(uploads(front.requests)) == 3  # config, two layers
+
+
+async def test_source_redirect_is_followed_without_credentials(token_registry, registry_factory,
+                                                               unique_repo):
+    """A source that sends blob GETs to a CDN (another origin): the upload thread follows
+    the redirect and the CDN never sees the registry's token."""
+    img = build_image(seed=612, layer_sizes=[70_000, 9_000])
+    push(token_registry.url, unique_repo, "r", img, credentials=token_registry.credentials)
+    other = registry_factory()
+    with _RedirectingFront(token_registry.url, img.blobs()) as front:
+        async with RegistryClient(ClientOptions(), credentials=None) as client:
+            digest = await _copy(client, f"{front.front.host}/{unique_repo}:r",
+                                 f"{other.host}/from/cdn:r", TransferOptions())
+    assert digest == img.digest
+    assert len(front.cdn_saw_auth) == 3 and not any(front.cdn_saw_auth)
+    assert skopeo_raw(f"{other.host}/from/cdn:r") == img.manifest
+
+
+async def test_source_token_refused_mid_run_is_renewed(token_registry, registry_factory,
+                                                       unique_repo):
+    """The source refuses the token an upload thread sends (expired, revoked): the run
+    earns a new one through the registry client and the copy goes on."""
+    img = build_image(seed=613, layer_sizes=[40_000])
+    push(token_registry.url, unique_repo, "r", img, credentials=token_registry.credentials)
+    other = registry_factory()
+    src = Reference.parse(f"{token_registry.host}/{unique_repo}:r")
+    events: list[dict] = []
+    async with RegistryClient(ClientOptions(), credentials=None) as client:
+        fetched = await client.get_manifest(src)
+        key = (src.api_host, f"repository:{unique_repo}:pull")
+        assert key in client._tokens
+        client._tokens[key] = Token("eyJhbGciOiJub25lIn0.e30.", time.monotonic() + 600)
+        token_registry.tokenserver.clear_log()
+        transfer = Transfer(client, TransferOptions(), emit=events.append)
+        try:
+            digest = await transfer.push_image(
+                RegistryProvider(client, src), fetched.data, fetched.media_type,
+                Reference.parse(f"{other.host}/renewed/app:r"), "r")
+        finally:
+            await transfer.aclose()
+    assert str(digest) == img.digest
+    assert len(token_registry.tokenserver.log) == 1  # one fresh token, shared by both blobs
+    assert skopeo_raw(f"{other.host}/renewed/app:r") == img.manifest
+    assert not [e for e in events if e["event"] == "blob.retry"]
+
+
+@pytest.mark.parametrize("size", [50_000, 2_600_000], ids=["one-put", "chunked"])
+async def test_corrupt_source_bytes_never_land(registry, registry_factory, fault_proxy,
+                                               unique_repo, size):
+    """A source whose blob bytes don't hash to the digest: the copy fails with a digest
+    error, and the target has neither the blob nor the manifest."""
+    img = build_image(seed=614 + size, layer_sizes=[size])
+    push(registry.url, unique_repo, "bad", img)
+    bad = fault_proxy(registry)
+    layer = img.layer_digests[0]
+    bad.corrupt_blob(size // 2, times=None, digest=layer)
+    other = registry_factory()
+    async with RegistryClient(ClientOptions(retries=1, backoff_base=0.01),
+                              credentials=None) as client:
+        with pytest.raises(DigestMismatch):
+            await _copy(client, f"{bad.host}/{unique_repo}:bad", f"{other.host}/bad/copy:bad",
+                        TransferOptions(chunk_size=1 << 20, retries=1))
+        target = Reference.parse(f"{other.host}/bad/copy:bad")
+        assert await client.blob_exists(target, Digest.parse(layer)) is None
+        assert await client.head_manifest(target, "bad") is None
+
+
+def test_copy_command_reports_a_corrupt_source_in_one_line(registry, registry_factory,
+                                                           fault_proxy, unique_repo):
+    img = build_image(seed=619, layer_sizes=[60_000])
+    push(registry.url, unique_repo, "bad", img)
+    bad = fault_proxy(registry)
+    bad.corrupt_blob(10, times=None, digest=img.layer_digests[0])
+    other = registry_factory()
+    r = run("copy", "--retries", "0", f"{bad.host}/{unique_repo}:bad", f"{other.host}/x/y:bad")
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "hash" in lines[0], r.stderr
