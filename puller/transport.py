@@ -219,6 +219,10 @@ class _Response:
 
     def release(self) -> None:
         # A body read to its end leaves a connection that can carry the next request.
+        # One with nothing to read (a HEAD, a 201 or 404 without a body) is ended here:
+        # that reads nothing from the socket.
+        if not self._resp.isclosed() and self._resp.length == 0:
+            self._resp.read()
         reusable = self._resp.isclosed() and not self._resp.will_close
         self._resp.close()
         if reusable:
