@@ -167,6 +167,16 @@ class BlobScheduler:
             await asyncio.sleep(_LOCK_POLL)  # another process is writing this digest
 
     async def _download_once(self, ref: Reference, desc: Descriptor) -> int:
+        if self._threaded and self._unsplittable(ref, desc.size):
+            req = await self._client.blob_request(ref, desc.digest)
+            if req is not None:
+                try:
+                    got = await self._whole_in_thread(req, desc)
+                except NotPlain as np:
+                    self._raise_error_status(np, ref, desc)
+                    got = None  # a challenge or an oddity: the full path below
+                if got is not None:
+                    return got
         writer = await self._open_writer(desc)
         if writer is None:
             return -1
@@ -188,18 +198,7 @@ class BlobScheduler:
                     try:
                         return await self._download_in_thread(req, desc, writer)
                     except NotPlain as np:
-                        # An error status is that error (retried like any other); a
-                        # challenge or an oddity goes to the client, which knows the rest.
-                        challenge = np.status == 401 and np.headers is not None and \
-                            np.headers.get("WWW-Authenticate")
-                        if np.status is not None and np.status >= 400 and not challenge:
-                            err = self._client.status_error(
-                                np.status, np.headers, ref.api_host,
-                                f"fetching blob {desc.digest}")
-                            if isinstance(err, NotFound):
-                                err = NotFound(f"blob {desc.digest} not found in {ref.name}",
-                                               status=404, host=ref.api_host)
-                            raise err from None
+                        self._raise_error_status(np, ref, desc)
             async with self._client.open_blob(ref, desc.digest, size=desc.size,
                                               offset=start_offset) as stream:
                 if stream.start != writer.offset:
@@ -240,6 +239,91 @@ class BlobScheduler:
             if not writer.closed:
                 await asyncio.shield(asyncio.get_running_loop().run_in_executor(
                     self._executor, writer.close))
+
+    def _raise_error_status(self, np: NotPlain, ref: Reference, desc: Descriptor) -> None:
+        """An error status is that error (retried like any other); a challenge or an
+        oddity returns, for the registry client, which knows the rest."""
+        challenge = np.status == 401 and np.headers is not None and \
+            np.headers.get("WWW-Authenticate")  # type: ignore[attr-defined]
+        if np.status is not None and np.status >= 400 and not challenge:
+            err = self._client.status_error(np.status, np.headers, ref.api_host,
+                                            f"fetching blob {desc.digest}")
+            if isinstance(err, NotFound):
+                err = NotFound(f"blob {desc.digest} not found in {ref.name}", status=404,
+                               host=ref.api_host)
+            raise err from None
+
+    def _unsplittable(self, ref: Reference, size: int) -> bool:
+        """Too small (or from a host that ignores Range) to be fetched in ranges."""
+        return self._segments < 2 or size < 2 * self._segment_min or \
+            ref.api_host in self._no_ranges
+
+    async def _whole_in_thread(self, req: BlobRequest, desc: Descriptor) -> int | None:
+        """A whole blob in one worker-thread hop: take the ingest lock, receive, hash,
+        write, commit, release. Small layers are dominated by per-step costs (each hop
+        between the loop and a thread is a GIL hand-over); here there is one.
+        Returns like :meth:`_download_once`, or None when another process holds the
+        digest's lock (the caller then waits for it the usual way)."""
+        loop = asyncio.get_running_loop()
+        digest = str(desc.digest)
+        handle = Handle()
+        store = self._store
+
+        def started(offset: int) -> None:  # in the loop
+            self._notify(desc.digest, lambda im: BlobStarted(
+                ref=im, digest=digest, size=desc.size, offset=offset))
+
+        def progress(done: int) -> None:  # in the worker thread
+            loop.call_soon_threadsafe(self._progress, desc.digest, digest, done, desc.size)
+
+        def whole() -> int | None:  # in the worker thread
+            writer = store.ingest(desc.digest, desc.size, wait=False)
+            if writer is None:
+                return None
+            try:
+                if store.has(desc.digest, desc.size):
+                    return -1
+                begun = writer.offset
+                loop.call_soon_threadsafe(started, begun)
+                if begun < desc.size:
+                    try:
+                        fetch_into(req, writer, handle=handle, progress=progress,
+                                   pool=self._connections)
+                    except SizeMismatch:
+                        writer.restart()
+                        raise
+                    except PullerError as err:
+                        raise _Partial(err, writer.offset - begun) from err
+                try:
+                    complete = writer.finish([])
+                except SizeMismatch:
+                    writer.restart()
+                    raise
+                if not complete:
+                    raise _Partial(TransportError(
+                        f"blob {desc.digest} ended after {writer.offset} of {desc.size} "
+                        f"bytes"), writer.offset - begun)
+                return desc.size - begun
+            finally:
+                if not writer.closed:
+                    writer.close()
+
+        working = loop.run_in_executor(self._body_pool(), whole)
+        try:
+            got = await asyncio.shield(working)
+        except asyncio.CancelledError:
+            handle.cancel()
+            while not working.done():  # the thread must release the lock first
+                try:
+                    await asyncio.wait([working])
+                except asyncio.CancelledError:
+                    pass
+            if not working.cancelled():
+                working.exception()  # retrieved: it is the cancellation we asked for
+            raise
+        if got is not None and got >= 0:
+            self._progress(desc.digest, digest, desc.size, desc.size)
+        return got
 
     async def _download_in_thread(self, req: BlobRequest, desc: Descriptor,
                                   writer: BlobWriter) -> int:
