@@ -207,6 +207,7 @@ class RegistryClient:
         self._ssl: dict[str, ssl.SSLContext] = {}
         self._schemes: dict[str, str] = {}  # host -> scheme that worked
         self._probes: dict[str, asyncio.Lock] = {}  # host -> held while its scheme is found
+        self._proxied = proxy_configured()  # read once: the environment is read once too
         self._insecure = {h.strip() for h in self.options.insecure_registries if h.strip()}
         env = os.environ.get("PULLER_INSECURE_REGISTRIES", "")
         self._insecure.update(h.strip() for h in env.split(",") if h.strip())
@@ -410,7 +411,7 @@ class RegistryClient:
         resolution. None until a request to this registry has settled how to reach it
         (scheme, challenge), or where a proxy is configured."""
         host = ref.api_host
-        if host not in self._schemes or proxy_configured():
+        if host not in self._schemes or self._proxied:
             return None
         scope = pull_scope(ref.repository)
         auth = await self._auth_header(ref, scope)
@@ -426,7 +427,7 @@ class RegistryClient:
         :mod:`puller.threadpush`): the upload's absolute URL and the push auth header.
         None where :meth:`blob_request` would be."""
         host = ref.api_host
-        if host not in self._schemes or proxy_configured():
+        if host not in self._schemes or self._proxied:
             return None
         auth = await self._auth_header(ref, self.push_scope(ref))
         return BlobRequest(

@@ -28,12 +28,24 @@ from .errors import SizeMismatch
 from .store import BlobWriter
 from .transport import ConnectionPool, describe_network_error
 
-__all__ = ["NotPlain", "Cancelled", "Handle", "fetch_into", "open_get"]
+__all__ = ["NotPlain", "Cancelled", "Handle", "buffer", "fetch_into", "open_get"]
 
 _CHUNK = 1 << 20
 _REPORT_EVERY = 256 * 1024  # bytes between progress reports to the event loop
 _MAX_REDIRECTS = 5
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
+
+
+_local = threading.local()
+
+
+def buffer() -> memoryview:
+    """This thread's 1 MiB receive buffer, made once: a fresh one per blob costs a
+    zeroed MiB and its page faults, which is most of a small blob's CPU."""
+    view = getattr(_local, "view", None)
+    if view is None:
+        view = _local.view = memoryview(bytearray(_CHUNK))
+    return view
 
 
 class NotPlain(Exception):
@@ -177,8 +189,7 @@ def _receive(resp: http.client.HTTPResponse, conn: http.client.HTTPConnection,
     if conn.sock is not None:
         conn.sock.settimeout(stall_timeout)  # a read that waits this long has stalled
     begun = reported = writer.offset
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
+    view = buffer()
     what = f"fetching blob {writer.digest}"
     # With a known length, read straight from the socket: readinto1 returns whatever
     # has arrived (one recv, up to a MiB), so progress and partial data keep up with

@@ -33,7 +33,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 from .client import BlobRequest, upload_range
 from .digest import Digest
 from .errors import DigestMismatch, PullerError, TransportError
-from .threadfetch import Cancelled, Handle, NotPlain, open_get
+from .threadfetch import Cancelled, Handle, NotPlain, buffer, open_get
 from .transport import ConnectionPool, describe_network_error
 
 __all__ = ["Reader", "FileReader", "RegistryReader", "Interrupted", "send_blob"]
@@ -140,8 +140,7 @@ def send_blob(up: BlobRequest, source: Reader, *, digest: Digest, size: int, off
     From offset 0 the bytes are hashed on the way and must match ``digest``; a resumed
     upload is checked by the registry alone (it hashes everything it stored)."""
     hasher = hashlib.sha256() if offset == 0 and digest.algorithm == "sha256" else None
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
+    view = buffer()
     location = up.url
     where = [location]
     sent = offset
