@@ -21,9 +21,10 @@ import os
 import random
 import ssl
 import re
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, NamedTuple, TypeVar
 from urllib.parse import urlencode, urljoin, urlsplit
 
 from . import __version__
@@ -578,8 +579,10 @@ class RegistryClient:
         what = f"fetching manifest {ref.name}{'@' if wanted else ':'}{ident}"
 
         async def attempt() -> FetchedManifest:
+            asked_at = time.monotonic()
             async with self._request("GET", ref, f"/v2/{ref.repository}/manifests/{ident}",
                                      what=what, headers={"Accept": accept}) as resp:
+                self._note_rate_limit(ref.api_host, resp.headers, asked_at)
                 if resp.status != 200:
                     err = await self._error_for(resp, ref.api_host, what)
                     if isinstance(err, NotFound):
@@ -694,18 +697,24 @@ class RegistryClient:
             scope += f" repository:{mount_from}:pull"
         return scope
 
-    def _note_rate_limit(self, host: str, headers: Any) -> None:
-        """Remember Docker Hub's ``RateLimit-Remaining`` / ``RateLimit-Limit`` (``N;w=S``)."""
+    def _note_rate_limit(self, host: str, headers: Any, asked_at: float) -> None:
+        """Remember Docker Hub's ``RateLimit-Remaining`` / ``RateLimit-Limit`` (``N;w=S``)
+        from an answer to a request sent at ``asked_at`` (monotonic); an answer to an
+        older request never replaces a newer one."""
         remaining = _rate_value(headers.get("RateLimit-Remaining"))
         if remaining is None:
             return
         limit = _rate_value(headers.get("RateLimit-Limit"))
         table = self.__dict__.setdefault("_rate_limits", {})
-        table[host] = (remaining[0], limit[0] if limit else None,
-                       remaining[1] or (limit[1] if limit else None))
+        known = table.get(host)
+        if known is not None and known.asked_at > asked_at:
+            return
+        table[host] = RateLimit(remaining[0], limit[0] if limit else None,
+                                remaining[1] or (limit[1] if limit else None), asked_at)
 
-    def rate_limit(self, ref: Reference) -> tuple[int, int | None, int | None] | None:
-        """The last ``(remaining, limit, window_seconds)`` the registry announced, if any."""
+    def rate_limit(self, ref: Reference) -> RateLimit | None:
+        """The latest ``RateLimit(remaining, limit, window, asked_at)`` the registry
+        announced on a manifest request, if any."""
         return self.__dict__.get("_rate_limits", {}).get(ref.api_host)
 
     def _upload_path(self, ref: Reference, location: str) -> str:
@@ -728,9 +737,10 @@ class RegistryClient:
         what = f"checking manifest {ref.name}{'@' if ':' in ident else ':'}{ident}"
 
         async def attempt() -> tuple[Digest, int | None, str | None] | None:
+            asked_at = time.monotonic()
             async with self._request("HEAD", ref, f"/v2/{ref.repository}/manifests/{ident}",
                                      what=what, headers={"Accept": ACCEPT}) as resp:
-                self._note_rate_limit(ref.api_host, resp.headers)
+                self._note_rate_limit(ref.api_host, resp.headers, asked_at)
                 if resp.status == 404:
                     return None
                 if resp.status != 200:
@@ -977,6 +987,15 @@ def _next_link(link: str | None, ref: Reference) -> str | None:
                 return None
             return parts.path + (f"?{parts.query}" if parts.query else "")
     return None
+
+
+class RateLimit(NamedTuple):
+    """What a registry said of its pull limit (Docker Hub's ``RateLimit-*`` headers)."""
+
+    remaining: int
+    limit: int | None
+    window: int | None  # seconds
+    asked_at: float  # time.monotonic() when the request that was answered so was sent
 
 
 class RangeNotHonoured(TransportError):

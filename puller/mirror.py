@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import json
 import re
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -420,36 +421,48 @@ def rate_delay(remaining: int | None, limit: int | None, window: int | None,
 class RateGate:
     """Spaces out manifest GETs to a registry whose ``RateLimit-Remaining`` runs low.
 
-    HEADs don't count on Docker Hub, so only GETs pass through here; what the registry
-    announced is decremented by the GETs sent since, so the gate acts before the limit."""
+    HEADs don't count on Docker Hub, so only GETs pass through here. The last
+    announced ``remaining`` is reduced by every GET the registry may not have counted
+    when it answered: those still in flight, and those that ended after the announcing
+    request was sent. So concurrent jobs can't rush past the reserve on an old number;
+    once at the reserve, GETs go one per ``window / limit`` seconds, the pace at which
+    the registry gives requests back."""
 
     def __init__(self, reserve: int, lookup: Callable[[Reference], Any],
                  on_wait: Callable[[str, float, int], None] | None = None) -> None:
         self.reserve = reserve
         self._lookup = lookup
-        self._spent: dict[str, int] = {}
-        self._seen: dict[str, Any] = {}
+        self._gets: dict[str, list[list[float | None]]] = {}  # host -> [sent, ended]
         self._locks: dict[str, asyncio.Lock] = {}
         self._on_wait = on_wait
 
-    async def before_get(self, ref: Reference) -> None:
+    async def before_get(self, ref: Reference) -> list[float | None]:
+        """Wait as long as the limit asks. Returns the GET's ticket for
+        :meth:`after_get`."""
         host = ref.api_host
         lock = self._locks.setdefault(host, asyncio.Lock())
+        gets = self._gets.setdefault(host, [])
         async with lock:
             info = self._lookup(ref)
-            if info is None:
-                return
-            if info is not self._seen.get(host):
-                self._seen[host] = info
-                self._spent[host] = 0
-            remaining, limit, window = info
-            left = remaining - self._spent[host]
-            delay = rate_delay(left, limit, window, self.reserve)
-            if delay > 0:
-                if self._on_wait is not None:
-                    self._on_wait(host, delay, left)
-                await asyncio.sleep(delay)
-            self._spent[host] += 1
+            if info is not None:
+                remaining, limit, window = info[0], info[1], info[2]
+                asked_at = getattr(info, "asked_at", None)
+                # GETs that ended before the announcing request was sent are in its count.
+                gets[:] = [g for g in gets if g[1] is None or
+                           (asked_at is not None and g[1] > asked_at)]
+                left = remaining - len(gets)
+                delay = rate_delay(left, limit, window, self.reserve)
+                if delay > 0:
+                    if self._on_wait is not None:
+                        self._on_wait(host, delay, left)
+                    await asyncio.sleep(delay)
+            ticket: list[float | None] = [time.monotonic(), None]
+            gets.append(ticket)
+            return ticket
+
+    @staticmethod
+    def after_get(ticket: list[float | None]) -> None:
+        ticket[1] = time.monotonic()
 
 
 # -- jobs ---------------------------------------------------------------------------------------
@@ -530,8 +543,11 @@ async def run_mirror(client: Any, transfer: Any, sources: list[MirrorSource],
             expected = src_digest
             data = media_type = None
             if job.platforms is not None and (have is not None or not dry_run):
-                await gate.before_get(src)
-                fetched = await client.get_manifest(src, str(src_digest))
+                ticket = await gate.before_get(src)
+                try:
+                    fetched = await client.get_manifest(src, str(src_digest))
+                finally:
+                    gate.after_get(ticket)
                 data, media_type = fetched.data, fetched.media_type
                 data, media_type, one_image = choose_platforms(data, media_type,
                                                                list(job.platforms), str(src))
@@ -551,8 +567,11 @@ async def run_mirror(client: Any, transfer: Any, sources: list[MirrorSource],
                 return
             provider = provider_for(src)
             if data is None:
-                await gate.before_get(src)
-                data, media_type = await provider.manifest(src_digest, head[2])
+                ticket = await gate.before_get(src)
+                try:
+                    data, media_type = await provider.manifest(src_digest, head[2])
+                finally:
+                    gate.after_get(ticket)
             one_image = job.extra.get("one_image")
             if one_image is not None:
                 data, media_type = await provider.manifest(one_image.digest,

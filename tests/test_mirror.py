@@ -122,6 +122,28 @@ def test_no_change_rerun_costs_one_manifest_head_per_side(registry, registry_fac
     assert on_src == Counter({("HEAD", "manifests"): 4, ("GET", "tags"): 2})
 
 
+def test_rate_limit_headers_pace_manifest_gets_instead_of_hitting_429(
+        registry, registry_factory, fault_proxy, unique_repo):
+    """A source that limits manifest GETs like Docker Hub (4 in the bucket, 2 back per
+    second, HEADs free) and announces it in RateLimit-* headers: the mirror spaces its
+    GETs out at the reserve and the registry never has to refuse one."""
+    seed_repos(registry, unique_repo, ["a", "b"], ["1", "2", "3", "4"], seed=861)
+    src = fault_proxy(registry)
+    src.rate_limit(limit=4, window=2)
+    other = registry_factory()
+    r = run("mirror", "--json", "--rate-limit-reserve", "1", "--target", other.host,
+            f"{src.host}/{unique_repo}/a", f"{src.host}/{unique_repo}/b")
+    assert r.returncode == 0, r.stderr
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    assert events[-1]["event"] == "mirror.done"
+    assert sum(1 for e in events if e["event"] == "image.copied") == 8
+    waits = [e for e in events if e["event"] == "rate.wait"]
+    assert waits and all(e["host"] == src.host for e in waits)
+    gets = [q for q in src.requests if q["method"] == "GET" and "/manifests/" in q["path"]]
+    assert len(gets) == 8, [(q['path'][-20:], q['status']) for q in gets]
+    assert src.rate_limited == 0, [q["status"] for q in gets]
+
+
 def test_mirror_into_a_registry_with_auth(registry, registry_factory, unique_repo,
                                           tmp_path: Path):
     images = seed_repos(registry, unique_repo, ["svc"], ["1", "2"], seed=871)

@@ -23,6 +23,7 @@ import asyncio
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 
 from . import ThreadedServer
@@ -73,6 +74,7 @@ class FaultProxy:
         self._log: list[dict] = []
         self._session = None
         self._server = ThreadedServer(self._make_app, name="fault-proxy")
+        self._limiter: dict | None = None
 
     # -- lifecycle / addresses -------------------------------------------------------------------
     def start(self) -> "FaultProxy":
@@ -177,6 +179,37 @@ class FaultProxy:
                                path_re=re.compile(path_regex),
                                methods=(method.upper(),) if method else None))
 
+    def rate_limit(self, limit: int, window: float, path_regex: str = r"/manifests/") -> None:
+        """Act like Docker Hub's pull limit on matching paths: a bucket of ``limit`` GETs
+        that refills at ``limit / window`` per second; HEADs are free. Every matching
+        answer carries ``RateLimit-Limit`` / ``RateLimit-Remaining`` (``N;w=window``); a
+        GET with the bucket empty gets 429 (counted in :attr:`rate_limited`)."""
+        with self._lock:
+            self._limiter = {"limit": limit, "window": window, "re": re.compile(path_regex),
+                             "tokens": float(limit), "at": time.monotonic()}
+            self.rate_limited = 0
+
+    def _rate_headers(self, method: str, path: str) -> tuple[dict[str, str], bool]:
+        """(headers to add, refuse with 429) for one request under :meth:`rate_limit`."""
+        with self._lock:
+            lim = self._limiter
+            if lim is None or not lim["re"].search(path):
+                return {}, False
+            now = time.monotonic()
+            lim["tokens"] = min(lim["limit"], lim["tokens"] +
+                                (now - lim["at"]) * lim["limit"] / lim["window"])
+            lim["at"] = now
+            refuse = False
+            if method == "GET":
+                if lim["tokens"] < 1:
+                    refuse = True
+                    self.rate_limited += 1
+                else:
+                    lim["tokens"] -= 1
+            w = int(lim["window"])
+            return {"RateLimit-Limit": f"{lim['limit']};w={w}",
+                    "RateLimit-Remaining": f"{int(lim['tokens'])};w={w}"}, refuse
+
     def delay(self, seconds: float, path_regex: str = r"", times: int | None = 1,
               method: str | None = None):
         """Wait ``seconds`` (clamped to 120) before forwarding matching requests."""
@@ -235,6 +268,13 @@ class FaultProxy:
             with self._lock:
                 entry.update(kw)
 
+        limit_headers, refuse = self._rate_headers(method, path)
+        if refuse:
+            note(status=429, fault="rate_limit")
+            return web.Response(status=429, body=json.dumps({"errors": [{
+                "code": "TOOMANYREQUESTS", "message": "rate limit (FaultProxy)"}]}).encode(),
+                headers={"Content-Type": "application/json", "Retry-After": "1",
+                         **limit_headers})
         rule = self._take(("status",), method, path, rng is not None)
         if rule is not None:
             note(status=rule.params["code"], fault="status")
@@ -281,6 +321,8 @@ class FaultProxy:
                 if k.lower() == "location" and v.startswith(self.upstream_url):
                     v = self.url + v[len(self.upstream_url):]
                 resp.headers.add(k, v)
+            for k, v in limit_headers.items():
+                resp.headers[k] = v
             start = 0
             cr = upstream.headers.get("Content-Range")
             m = re.match(r"bytes (\d+)-(\d+)/(\d+|\*)", cr or "")
