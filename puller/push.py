@@ -378,7 +378,13 @@ class Transfer:
         self._threads: Any = None  # one worker thread per upload in flight
 
     async def aclose(self) -> None:
-        """Stop the upload threads and close their connections (after the run)."""
+        """Cancel uploads nobody waits for any more (each blob's task is shielded from
+        the images that wait on it), stop the upload threads and close their
+        connections."""
+        tasks = [t for t in self._blobs.values() if not t.done()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         threads, self._threads = self._threads, None
         if threads is not None:
             await asyncio.to_thread(threads.shutdown, wait=True)

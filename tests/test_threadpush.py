@@ -4,6 +4,8 @@ entirely through the http.client transport."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import time
 
 import pytest
@@ -17,6 +19,7 @@ from puller.reference import Reference
 from puller.transport import ThreadedTransport
 from tests.support.images import build_image, push
 from tests.test_auth import _RedirectingFront
+from tests.test_processes import start
 from tests.test_push import run, skopeo_raw, uploads
 
 pytestmark = pytest.mark.filterwarnings("error")
@@ -134,3 +137,45 @@ def test_copy_command_reports_a_corrupt_source_in_one_line(registry, registry_fa
     assert "Traceback" not in r.stderr
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and "hash" in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("command,size", [("copy", 3_000_000), ("copy", 9_000_000),
+                                          ("mirror", 3_000_000)],
+                         ids=["copy-one-put", "copy-chunked", "mirror"])
+def test_ctrl_c_while_the_source_stalls_mid_copy(registry, registry_factory, fault_proxy,
+                                                 unique_repo, command, size):
+    """The source stops sending half-way through a blob an upload thread is forwarding:
+    Ctrl-C ends the run at once (exit 130, one line), the target gets no manifest, and
+    the next run copies everything."""
+    img = build_image(seed=620 + size % 7, layer_sizes=[size])
+    push(registry.url, unique_repo, "stall", img)
+    src = fault_proxy(registry)
+    layer = img.layer_digests[0]
+    src.stall_blob(after_bytes=size // 2, seconds=60, times=1, digest=layer)
+    other = registry_factory()
+    source = f"{src.host}/{unique_repo}:stall"
+    if command == "copy":
+        dst = f"{other.host}/stalled/copy:stall"
+        argv = ["copy", "--chunk-size", "4194304", source, dst]
+    else:
+        dst = f"{other.host}/m/{unique_repo}:stall"
+        argv = ["mirror", "--chunk-size", "4194304", "--target", f"{other.host}/m", source]
+    p = start(*argv)
+    deadline = time.monotonic() + 30
+    while not any(q["fault"] == "stall" and q["bytes_sent"] >= size // 2
+                  for q in src.requests):
+        assert time.monotonic() < deadline and p.poll() is None, "the stall was not reached"
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=20)  # well under the 60 s stall
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    assert len([x for x in err.splitlines() if x.strip()]) == 1, err
+    missing = subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--raw",
+                              f"docker://{dst}"], capture_output=True, timeout=60)
+    assert missing.returncode != 0
+
+    src.clear_rules()
+    r = run(*argv)
+    assert r.returncode == 0, r.stderr
+    assert skopeo_raw(dst) == img.manifest
