@@ -28,7 +28,7 @@ from .events import BlobProgress, BlobRetry, BlobStarted, Event
 from .manifest import Descriptor
 from .reference import Reference
 from .store import BlobWriter, ContentStore
-from .threadfetch import Handle, NotPlain, fetch_into
+from .threadfetch import Handle, NotPlain, fetch_into, fetch_range
 from .transport import ConnectionPool
 
 __all__ = ["BlobScheduler"]
@@ -60,6 +60,7 @@ class BlobScheduler:
         self._connections = ConnectionPool(add_hosts=dict(self._options.add_hosts),
                                            timeout=self._options.connect_timeout)
         self._inflight: dict[Digest, asyncio.Task[int]] = {}
+        self._fetched: set[Digest] = set()  # downloaded by this scheduler (this run)
         self._watchers: dict[Digest, list[str]] = {}
 
     async def _run(self, fn: Callable[..., object], *args: object) -> object:
@@ -73,7 +74,8 @@ class BlobScheduler:
         task = self._inflight.get(digest)
         if task is None:
             if self._store.has(digest, desc.size):
-                return "exists", 0
+                # Brought in by another image of this scheduler's run, or there before.
+                return ("downloaded", 0) if digest in self._fetched else ("exists", 0)
             task = asyncio.create_task(self._download(ref, desc), name=f"blob {digest}")
             self._inflight[digest] = task
             self._watchers[digest] = [image]
@@ -104,7 +106,9 @@ class BlobScheduler:
             del self._inflight[digest]
             self._watchers.pop(digest, None)
         if not task.cancelled():
-            task.exception()  # mark retrieved; waiters get it through the shield
+            # The exception is marked retrieved; waiters get it through the shield.
+            if task.exception() is None and task.result() >= 0:
+                self._fetched.add(digest)
 
     def _notify(self, digest: Digest, make: Callable[[str], Event]) -> None:
         for image in self._watchers.get(digest, ()):
@@ -390,6 +394,14 @@ class BlobScheduler:
         """Fetch ``parts`` byte ranges of one blob in parallel. The first range streams
         through the hasher; the others are written at their offsets and hashed, in
         order, from disk once all have arrived. Memory stays flat."""
+        if self._threaded:
+            req = await self._client.blob_request(ref, desc.digest)
+            if req is not None:
+                try:
+                    return await self._segments_in_threads(req, ref, desc, writer, parts)
+                except NotPlain as np:
+                    self._raise_error_status(np, ref, desc)
+                    # A challenge or an oddity: the same ranges through the client.
         begun = writer.offset
         step = (desc.size - begun) // parts
         ends = [begun + (i + 1) * step - 1 for i in range(parts - 1)] + [desc.size - 1]
@@ -426,17 +438,80 @@ class BlobScheduler:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            if isinstance(exc, RangeNotHonoured):
-                self._no_ranges.add(ref.api_host)  # from now on one stream per blob
-                retry = TransportError(f"{exc}; fetching {desc.digest} in one stream")
-                raise _Partial(retry, writer.offset - begun) from exc
-            if isinstance(exc, (PullerError, *self._client.transport_errors)):
-                err = exc if isinstance(exc, PullerError) else self._client.map_transport(
-                    exc, ref.api_host, what)
-                if isinstance(err, SizeMismatch):
-                    await self._run(writer.restart)
-                    raise err from exc
-                raise _Partial(err, writer.offset - begun) from exc
+            await self._segments_failed(exc, ref, desc, writer, begun)
+            raise
+        await self._run(writer.absorb, desc.size)
+        await self._run(writer.commit)
+        return desc.size - begun
+
+    async def _segments_failed(self, exc: BaseException, ref: Reference, desc: Descriptor,
+                               writer: BlobWriter, begun: int) -> None:
+        """Raise what a failed parallel-range download means (returns for anything
+        that is not a transfer failure, for the caller to re-raise)."""
+        if isinstance(exc, RangeNotHonoured):
+            self._no_ranges.add(ref.api_host)  # from now on one stream per blob
+            retry = TransportError(f"{exc}; fetching {desc.digest} in one stream")
+            raise _Partial(retry, writer.offset - begun) from exc
+        if isinstance(exc, (PullerError, *self._client.transport_errors)):
+            err = exc if isinstance(exc, PullerError) else self._client.map_transport(
+                exc, ref.api_host, f"fetching blob {desc.digest}")
+            if isinstance(err, SizeMismatch):
+                await self._run(writer.restart)
+                raise err from exc
+            raise _Partial(err, writer.offset - begun) from exc
+
+    async def _segments_in_threads(self, req: BlobRequest, ref: Reference, desc: Descriptor,
+                                   writer: BlobWriter, parts: int) -> int:
+        """:meth:`_download_segments` with each range received by a worker thread
+        (:func:`puller.threadfetch.fetch_range`): the first hashes and appends, the
+        others write at their offsets; once all are in, the rest is hashed from disk."""
+        loop = asyncio.get_running_loop()
+        begun = writer.offset
+        step = (desc.size - begun) // parts
+        ends = [begun + (i + 1) * step - 1 for i in range(parts - 1)] + [desc.size - 1]
+        bounds = [(begun + i * step, ends[i]) for i in range(parts)]
+        cursors = [a for a, _ in bounds]
+        digest = str(desc.digest)
+        what = f"fetching blob {desc.digest}"
+        await self._run(writer.begin_segments)
+        handles = [Handle() for _ in range(parts)]
+
+        def report() -> None:  # in the loop
+            done = writer.offset + sum(c - a for c, (a, _) in
+                                       zip(cursors[1:], bounds[1:], strict=True))
+            self._progress(desc.digest, digest, done, desc.size)
+
+        def progress(_: int) -> None:  # in a worker thread
+            loop.call_soon_threadsafe(report)
+
+        def segment(i: int) -> None:  # in a worker thread
+            a, b = bounds[i]
+            if i == 0:
+                put: Callable[[memoryview], object] = writer.write
+            else:
+                def put(piece: memoryview, i: int = i) -> None:
+                    cursors[i] = writer.write_at(cursors[i], [piece])
+            fetch_range(req, a, b, desc.size, put=put, handle=handles[i], progress=progress,
+                        pool=self._connections, what=what)
+
+        pool = self._body_pool()
+        futures = [loop.run_in_executor(pool, segment, i) for i in range(parts)]
+        try:
+            await asyncio.shield(asyncio.gather(*futures))
+        except BaseException as exc:
+            for h in handles:
+                h.cancel()
+            while not all(f.done() for f in futures):  # no thread may outlive the writer
+                try:
+                    await asyncio.wait(futures)
+                except asyncio.CancelledError:
+                    pass
+            for f in futures:
+                if not f.cancelled():
+                    f.exception()  # retrieved
+            if isinstance(exc, NotPlain):
+                raise
+            await self._segments_failed(exc, ref, desc, writer, begun)
             raise
         await self._run(writer.absorb, desc.size)
         await self._run(writer.commit)

@@ -28,7 +28,7 @@ from .errors import SizeMismatch
 from .store import BlobWriter
 from .transport import ConnectionPool, describe_network_error
 
-__all__ = ["NotPlain", "Cancelled", "Handle", "buffer", "fetch_into", "open_get"]
+__all__ = ["NotPlain", "Cancelled", "Handle", "buffer", "fetch_into", "fetch_range", "open_get"]
 
 _CHUNK = 1 << 20
 _REPORT_EVERY = 256 * 1024  # bytes between progress reports to the event loop
@@ -122,12 +122,15 @@ def fetch_into(req: BlobRequest, writer: BlobWriter, *, handle: Handle,
 
 
 def open_get(req: BlobRequest, offset: int, size: int, *, handle: Handle,
-             pool: ConnectionPool, what: str
+             pool: ConnectionPool, what: str, end: int | None = None
              ) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection, Any, int]:
-    """``GET`` a blob from ``offset`` (of ``size``), following redirects. Returns the
-    response (headers read, body not), its connection, the URL parts it came from and
-    where its body starts: ``offset``, or 0 when the server ignored ``Range``. The
-    connection's socket is attached to ``handle``; the caller closes or gives it back."""
+    """``GET`` a blob from ``offset`` (of ``size``; up to byte ``end`` when given),
+    following redirects. Returns the response (headers read, body not), its connection,
+    the URL parts it came from and where its body starts: ``offset``, or 0 when the
+    server ignored ``Range``. The connection's socket is attached to ``handle``; the
+    caller closes or gives it back."""
+    last = size - 1 if end is None else end
+    ranged = bool(offset) or end is not None
     url = req.url
     origin = urlsplit(req.url)
     for _ in range(_MAX_REDIRECTS + 1):
@@ -136,8 +139,8 @@ def open_get(req: BlobRequest, offset: int, size: int, *, handle: Handle,
         if (target.scheme, target.hostname, target.port) != \
                 (origin.scheme, origin.hostname, origin.port):
             headers.pop("Authorization", None)  # a CDN or object store gets no credentials
-        if offset:
-            headers["Range"] = f"bytes={offset}-"
+        if ranged:
+            headers["Range"] = f"bytes={offset}-" if end is None else f"bytes={offset}-{end}"
         if handle.cancelled.is_set():
             raise Cancelled()
         ssl_context = req.ssl_for(target.netloc) if target.scheme == "https" else None
@@ -167,9 +170,9 @@ def open_get(req: BlobRequest, offset: int, size: int, *, handle: Handle,
                 handle.attach(None)
                 conn.close()
                 continue
-            if resp.status == 206 and offset:
+            if resp.status == 206 and ranged:
                 m = _CONTENT_RANGE.match(resp.getheader("Content-Range") or "")
-                if not (m and int(m.group(1)) == offset and int(m.group(2)) == size - 1
+                if not (m and int(m.group(1)) == offset and int(m.group(2)) == last
                         and m.group(3) in ("*", str(size))):
                     raise NotPlain("unusable Content-Range")
                 return resp, conn, target, offset
@@ -181,6 +184,63 @@ def open_get(req: BlobRequest, offset: int, size: int, *, handle: Handle,
             conn.close()
             raise
     raise NotPlain("too many redirects")
+
+
+def fetch_range(req: BlobRequest, start: int, end: int, size: int, *,
+                put: Callable[[memoryview], None], handle: Handle,
+                progress: Callable[[int], None], pool: ConnectionPool, what: str) -> int:
+    """Receive bytes ``start``..``end`` (inclusive) of a blob of ``size`` and hand them
+    to ``put`` piece by piece (one reused buffer: ``put`` must be done with a piece
+    when it returns). Raises :class:`puller.client.RangeNotHonoured` unless the server
+    answers with exactly that range. Runs in a worker thread; returns the bytes."""
+    from .client import RangeNotHonoured
+
+    host = urlsplit(req.url).netloc
+    try:
+        resp, conn, target, _ = open_get(req, start, size, handle=handle, pool=pool,
+                                         what=what, end=end)
+    except NotPlain as np:
+        if np.status is None:  # a 206 for another range
+            raise RangeNotHonoured(f"{host} answered range {start}-{end} with another "
+                                   f"range while {what}") from None
+        raise
+    keep = False
+    try:
+        if resp.status != 206 or resp.chunked or resp.length != end - start + 1:
+            raise RangeNotHonoured(f"{host} did not answer range {start}-{end} with "
+                                   f"exactly that range while {what}")
+        if conn.sock is not None:
+            conn.sock.settimeout(req.timeout)
+        view = buffer()
+        remaining = end - start + 1
+        got = reported = 0
+        while remaining:
+            try:
+                n = resp.fp.readinto1(view[:min(_CHUNK, remaining)])  # type: ignore[union-attr]
+                if not n:
+                    raise http.client.IncompleteRead(b"", remaining)
+            except (OSError, http.client.HTTPException) as exc:
+                if handle.cancelled.is_set():
+                    raise Cancelled() from exc
+                raise describe_network_error(exc, host, what) from exc
+            if handle.cancelled.is_set():
+                raise Cancelled()
+            put(view[:n])
+            remaining -= n
+            got += n
+            if got - reported >= _REPORT_EVERY:
+                reported = got
+                progress(got)
+        keep = not resp.will_close
+        progress(got)
+        return got
+    finally:
+        handle.attach(None)
+        if keep:
+            resp.close()  # the body was read to its end: the connection can be reused
+            pool.give(target, conn)
+        else:
+            conn.close()
 
 
 def _receive(resp: http.client.HTTPResponse, conn: http.client.HTTPConnection,
