@@ -473,15 +473,23 @@ def _already_current(refs: list[Any], args: argparse.Namespace, platform: Any,
     Asks each registry with one manifest HEAD over the standard library's HTTP client,
     so a warm re-pull costs start-up plus one round trip, without importing aiohttp.
     Anything unusual (a proxy, an error, a missing blob) leaves it to the engine."""
-    import asyncio
-    import dataclasses
-
-    from .api import Puller, PullOptions
     from .errors import PullerError
+    from .store import ContentStore, default_store_path
     from .transport import ThreadedTransport, proxy_configured
 
     if proxy_configured():
         return None
+    try:  # a ref the store has never held can't be current: no engine, no event loop
+        store = ContentStore(args.store or default_store_path())
+        if any(store.lookup(str(r)) is None for r in refs):
+            return None
+    except (PullerError, OSError):
+        return None
+
+    import asyncio
+    import dataclasses
+
+    from .api import Puller, PullOptions
 
     options = PullOptions(platform=platform, all_platforms=args.all_platforms,
                           concurrency=args.concurrency, include_foreign=args.include_foreign)
