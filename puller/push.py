@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Protoc
 
 from . import mediatypes
 from .digest import Digest
-from .errors import DigestMismatch, IntegrityError, ManifestError, NotFound, PullerError, SizeMismatch, StoreError, \
-    TransportError, UnsupportedManifest
+from .errors import DigestMismatch, IntegrityError, ManifestError, NotFound, PullerError, \
+    SizeMismatch, StoreError, TransportError, UnsupportedManifest
 from .manifest import MAX_MANIFEST_SIZE, Descriptor, ImageIndex, ImageManifest, parse_manifest
 from .platform import Platform, select
 from .reference import Reference
@@ -539,10 +539,9 @@ class Transfer:
                                 source: BlobSource, location: str, offset: int) -> bool:
         """Send the bytes from ``offset`` on in a worker thread (:mod:`puller.threadpush`).
         False when this upload can't go that way (the caller sends it itself)."""
-        import functools
         from concurrent.futures import ThreadPoolExecutor
 
-        from .threadfetch import Handle, NotPlain
+        from .threadfetch import Handle, NotPlain, in_thread
         from .threadpush import send_blob
         from .transport import ConnectionPool
 
@@ -578,20 +577,9 @@ class Transfer:
                 finally:
                     reader.close()
 
-            sending = loop.run_in_executor(self._threads, functools.partial(run))
-            try:
-                await asyncio.shield(sending)
+            try:  # when cancelled, the thread stops before anyone else sends
+                await in_thread(self._threads, run, handle)
                 return True
-            except asyncio.CancelledError:
-                handle.cancel()
-                while not sending.done():  # the thread must stop before anyone else sends
-                    try:
-                        await asyncio.wait([sending])
-                    except asyncio.CancelledError:
-                        pass
-                if not sending.cancelled():
-                    sending.exception()  # retrieved: it is the cancellation we asked for
-                raise
             except NotPlain as np:
                 from_source = getattr(np, "side", None) == "source"
                 challenged = np.status == 401 and np.headers is not None and \

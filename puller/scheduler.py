@@ -28,7 +28,7 @@ from .events import BlobProgress, BlobRetry, BlobStarted, Event
 from .manifest import Descriptor
 from .reference import Reference
 from .store import BlobWriter, ContentStore
-from .threadfetch import Handle, NotPlain, fetch_into, fetch_range
+from .threadfetch import Handle, NotPlain, fetch_into, fetch_range, in_thread
 from .transport import ConnectionPool
 
 __all__ = ["BlobScheduler"]
@@ -312,19 +312,7 @@ class BlobScheduler:
                 if not writer.closed:
                     writer.close()
 
-        working = loop.run_in_executor(self._body_pool(), whole)
-        try:
-            got = await asyncio.shield(working)
-        except asyncio.CancelledError:
-            handle.cancel()
-            while not working.done():  # the thread must release the lock first
-                try:
-                    await asyncio.wait([working])
-                except asyncio.CancelledError:
-                    pass
-            if not working.cancelled():
-                working.exception()  # retrieved: it is the cancellation we asked for
-            raise
+        got = await in_thread(self._body_pool(), whole, handle)  # the lock is released in it
         if got is not None and got >= 0:
             self._progress(desc.digest, digest, desc.size, desc.size)
         return got
@@ -340,21 +328,10 @@ class BlobScheduler:
             loop.call_soon_threadsafe(self._progress, desc.digest, digest, done, desc.size)
 
         begun = writer.offset
-        receiving = loop.run_in_executor(self._body_pool(), functools.partial(
-            fetch_into, req, writer, handle=handle, progress=progress,
-            pool=self._connections))
-        try:
-            await asyncio.shield(receiving)
-        except asyncio.CancelledError:
-            handle.cancel()
-            while not receiving.done():  # never close the writer under the thread
-                try:
-                    await asyncio.wait([receiving])
-                except asyncio.CancelledError:
-                    pass
-            if not receiving.cancelled():
-                receiving.exception()  # retrieved: it is the cancellation we asked for
-            raise
+        try:  # never closes the writer under the thread, even when cancelled
+            await in_thread(self._body_pool(), functools.partial(
+                fetch_into, req, writer, handle=handle, progress=progress,
+                pool=self._connections), handle)
         except SizeMismatch:
             await self._run(writer.restart)
             raise
@@ -403,11 +380,8 @@ class BlobScheduler:
                     self._raise_error_status(np, ref, desc)
                     # A challenge or an oddity: the same ranges through the client.
         begun = writer.offset
-        step = (desc.size - begun) // parts
-        ends = [begun + (i + 1) * step - 1 for i in range(parts - 1)] + [desc.size - 1]
-        bounds = [(begun + i * step, ends[i]) for i in range(parts)]
+        bounds = _ranges(begun, desc.size, parts)
         cursors = [a for a, _ in bounds]
-        what = f"fetching blob {desc.digest}"
         await self._run(writer.begin_segments)
 
         def done() -> int:
@@ -467,9 +441,7 @@ class BlobScheduler:
         others write at their offsets; once all are in, the rest is hashed from disk."""
         loop = asyncio.get_running_loop()
         begun = writer.offset
-        step = (desc.size - begun) // parts
-        ends = [begun + (i + 1) * step - 1 for i in range(parts - 1)] + [desc.size - 1]
-        bounds = [(begun + i * step, ends[i]) for i in range(parts)]
+        bounds = _ranges(begun, desc.size, parts)
         cursors = [a for a, _ in bounds]
         digest = str(desc.digest)
         what = f"fetching blob {desc.digest}"
@@ -583,6 +555,14 @@ class BlobScheduler:
     def _progress(self, d: Digest, digest: str, complete: int, total: int) -> None:
         self._notify(d, lambda im: BlobProgress(ref=im, digest=digest, complete=complete,
                                                 total=total))
+
+
+def _ranges(begun: int, size: int, parts: int) -> list[tuple[int, int]]:
+    """Bytes ``begun``..``size - 1`` as ``parts`` (first, last) ranges, the last taking
+    the remainder."""
+    step = (size - begun) // parts
+    return [(begun + i * step, begun + (i + 1) * step - 1 if i < parts - 1 else size - 1)
+            for i in range(parts)]
 
 
 def _close_opened(fut: asyncio.Future[BlobWriter | None]) -> None:

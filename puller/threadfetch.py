@@ -16,6 +16,7 @@ and the scheduler asks again through the registry client, which knows what to do
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import re
 import socket
@@ -28,7 +29,8 @@ from .errors import SizeMismatch
 from .store import BlobWriter
 from .transport import ConnectionPool, describe_network_error
 
-__all__ = ["NotPlain", "Cancelled", "Handle", "buffer", "fetch_into", "fetch_range", "open_get"]
+__all__ = ["NotPlain", "Cancelled", "Handle", "buffer", "fetch_into", "fetch_range", "in_thread",
+           "open_get"]
 
 _CHUNK = 1 << 20
 _REPORT_EVERY = 256 * 1024  # bytes between progress reports to the event loop
@@ -89,6 +91,25 @@ class Handle:
         with self._lock:
             for sock in self._socks.values():
                 _shutdown(sock)
+
+
+async def in_thread(executor: Any, fn: Callable[[], Any], handle: Handle) -> Any:
+    """Run ``fn`` in ``executor`` and return its result. If we are cancelled meanwhile,
+    ``handle`` is cancelled (the thread's sockets are shut down) and we wait until the
+    thread has stopped before re-raising, so nothing it uses is closed under it."""
+    working = asyncio.get_running_loop().run_in_executor(executor, fn)
+    try:
+        return await asyncio.shield(working)
+    except asyncio.CancelledError:
+        handle.cancel()
+        while not working.done():
+            try:
+                await asyncio.wait([working])
+            except asyncio.CancelledError:
+                pass
+        if not working.cancelled():
+            working.exception()  # retrieved: it is the cancellation we asked for
+        raise
 
 
 def _shutdown(sock: socket.socket) -> None:

@@ -211,29 +211,27 @@ def _send(up: BlobRequest, method: str, url: str, length: int, source: Reader | 
     conn, reused = pool.take(target, ssl_context)
     keep = False
     moved = 0
+
+    def begin(conn: http.client.HTTPConnection) -> None:
+        if conn.sock is None:
+            conn.connect()
+        conn.sock.settimeout(up.timeout)  # type: ignore[union-attr]
+        handle.attach(conn.sock, _PUT_SLOT)
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        for k, v in headers.items():
+            conn.putheader(k, v)
+        conn.endheaders()
+
     try:
         try:
-            if conn.sock is None:
-                conn.connect()
-            conn.sock.settimeout(up.timeout)  # type: ignore[union-attr]
-            handle.attach(conn.sock, _PUT_SLOT)
-            conn.putrequest(method, path, skip_accept_encoding=True)
-            for k, v in headers.items():
-                conn.putheader(k, v)
-            conn.endheaders()
+            begin(conn)
         except (OSError, http.client.HTTPException) as exc:
             if not reused:
                 raise _broken(exc, host, what) from exc
             conn.close()  # the server closed an idle connection: once more, fresh
             conn = pool.new(target, ssl_context)
             try:
-                conn.connect()
-                conn.sock.settimeout(up.timeout)  # type: ignore[union-attr]
-                handle.attach(conn.sock, _PUT_SLOT)
-                conn.putrequest(method, path, skip_accept_encoding=True)
-                for k, v in headers.items():
-                    conn.putheader(k, v)
-                conn.endheaders()
+                begin(conn)
             except (OSError, http.client.HTTPException) as exc2:
                 raise _broken(exc2, host, what) from exc2
         sending_failed: BaseException | None = None
