@@ -134,12 +134,7 @@ def fetch_into(req: BlobRequest, writer: BlobWriter, *, handle: Handle,
         keep = not resp.will_close and not resp.chunked
         return got
     finally:
-        handle.attach(None)
-        if keep:
-            resp.close()  # the body was read to its end: the connection can be reused
-            pool.give(target, conn)
-        else:
-            conn.close()
+        _done_with(resp, conn, target, keep, handle, pool)
 
 
 def open_get(req: BlobRequest, offset: int, size: int, *, handle: Handle,
@@ -256,12 +251,19 @@ def fetch_range(req: BlobRequest, start: int, end: int, size: int, *,
         progress(got)
         return got
     finally:
-        handle.attach(None)
-        if keep:
-            resp.close()  # the body was read to its end: the connection can be reused
-            pool.give(target, conn)
-        else:
-            conn.close()
+        _done_with(resp, conn, target, keep, handle, pool)
+
+
+def _done_with(resp: http.client.HTTPResponse, conn: http.client.HTTPConnection,
+               target: Any, keep: bool, handle: Handle, pool: ConnectionPool) -> None:
+    """Detach the socket from ``handle``; a body read to its end (``keep``) leaves a
+    connection that goes back to the pool, anything else is closed."""
+    handle.attach(None)
+    if keep:
+        resp.close()
+        pool.give(target, conn)
+    else:
+        conn.close()
 
 
 def _receive(resp: http.client.HTTPResponse, conn: http.client.HTTPConnection,
