@@ -531,15 +531,37 @@ async def run_mirror(client: Any, transfer: Any, sources: list[MirrorSource],
                                                     "seconds": round(delay, 1),
                                                     "remaining": left}))
 
+    async def copy(job: Job, provider: Any, data: bytes, media_type: str | None,
+                   expected: Any) -> None:
+        dst = job.target
+        stats = ImageStats()
+        put_as = dst.tag if dst.tag is not None else str(expected)
+        digest = await transfer.push_image(provider, data, media_type, dst, put_as,
+                                           stats=stats)
+        job.status, job.digest, job.stats = "copied", str(digest), stats
+        emit({"event": "image.copied", "ref": str(job.source), "target": str(dst),
+              "digest": str(digest), **stats.to_json()})
+
     async def one(job: Job) -> None:
         src, dst = job.source, job.target
         ident = src.identifier
         try:
+            have = await client.head_manifest(dst, dst.identifier)
+            if have is None and not dry_run and job.platforms is None:
+                # Not at the target: the source's manifest is needed anyway, so one GET
+                # stands in for its HEAD.
+                provider = provider_for(src)
+                ticket = await gate.before_get(src)
+                try:
+                    src_digest, data, media_type = await provider.fetch_top(ident)
+                finally:
+                    gate.after_get(ticket)
+                await copy(job, provider, data, media_type, src_digest)
+                return
             head = await client.head_manifest(src, ident)
             if head is None:
                 raise PullerError(f"manifest unknown: {src} not found on {src.registry}")
             src_digest = head[0]
-            have = await client.head_manifest(dst, dst.identifier)
             expected = src_digest
             data = media_type = None
             if job.platforms is not None and (have is not None or not dry_run):
@@ -576,13 +598,7 @@ async def run_mirror(client: Any, transfer: Any, sources: list[MirrorSource],
             if one_image is not None:
                 data, media_type = await provider.manifest(one_image.digest,
                                                            one_image.media_type)
-            stats = ImageStats()
-            put_as = dst.tag if dst.tag is not None else str(expected)
-            digest = await transfer.push_image(provider, data, media_type, dst, put_as,
-                                               stats=stats)
-            job.status, job.digest, job.stats = "copied", str(digest), stats
-            emit({"event": "image.copied", "ref": str(src), "target": str(dst),
-                  "digest": str(digest), **stats.to_json()})
+            await copy(job, provider, data, media_type, expected)
         except PullerError as exc:
             job.status, job.error = "failed", str(exc)
             emit({"event": "image.failed", "ref": str(src), "target": str(dst),

@@ -281,6 +281,14 @@ class RegistryProvider:
             await asyncio.to_thread(self._store.put, digest, fetched.data)
         return fetched.data, fetched.media_type or media_type
 
+    async def fetch_top(self, identifier: str) -> tuple[Digest, bytes, str | None]:
+        """``GET`` the manifest ``identifier`` (a tag or digest) names: its digest,
+        bytes and media type."""
+        fetched = await self.client.get_manifest(self.ref, identifier)
+        if self._store is not None:
+            await asyncio.to_thread(self._store.put, fetched.digest, fetched.data)
+        return fetched.digest, fetched.data, fetched.media_type
+
     def blob(self, desc: Descriptor) -> BlobSource:
         if self._scheduler is not None and self._store is not None:
             return _CachedBlob(self._scheduler, self._store, self.ref, desc)
