@@ -596,7 +596,9 @@ class Transfer:
                     if from_source:
                         await source.refresh()
                     else:
-                        location, _ = await client.upload_status(target, location)
+                        # (the registry may hold more by now: go on from there)
+                        location, offset = await client.upload_status(
+                            target, getattr(np, "upload_location", None) or location)
                     continue
                 err = self._not_plain(np, target, desc, source, from_source)
                 err.upload_location = getattr(np, "upload_location", None)  # type: ignore

@@ -179,3 +179,39 @@ def test_ctrl_c_while_the_source_stalls_mid_copy(registry, registry_factory, fau
     r = run(*argv)
     assert r.returncode == 0, r.stderr
     assert skopeo_raw(dst) == img.manifest
+
+
+async def test_target_token_refused_mid_run_is_renewed(registry, token_registry, unique_repo):
+    """The target refuses the push token an upload thread sends: the registry client
+    earns a new one (with the saved login) and the upload goes on from what the target
+    holds."""
+    from puller.credentials import Credentials
+
+    class Login:
+        def get(self, registry: str) -> Credentials:
+            return Credentials(*token_registry.credentials)
+
+    img = build_image(seed=625, layer_sizes=[90_000])
+    push(registry.url, unique_repo, "r", img)
+    target = Reference.parse(f"{token_registry.host}/{unique_repo}-renewed:r")
+    events: list[dict] = []
+    async with RegistryClient(ClientOptions(), credentials=Login()) as client:
+        real = client.upload_request
+        spoiled: list[bool] = []
+
+        async def upload_request(ref, location):
+            if not spoiled:  # the first upload thread gets a token the registry refuses
+                spoiled.append(True)
+                key = (ref.api_host, client.push_scope(ref))
+                assert key in client._tokens
+                client._tokens[key] = Token("eyJhbGciOiJub25lIn0.e30.", time.monotonic() + 600)
+            return await real(ref, location)
+
+        client.upload_request = upload_request
+        token_registry.tokenserver.clear_log()
+        digest = await _copy(client, f"{registry.host}/{unique_repo}:r", str(target),
+                             TransferOptions(), events)
+    assert digest == img.digest and spoiled
+    assert len(token_registry.tokenserver.log) >= 1  # a fresh token was issued
+    assert not [e for e in events if e["event"] == "blob.retry"]
+    assert skopeo_raw(str(target)) == img.manifest
