@@ -491,68 +491,59 @@ class RegistryClient:
                 probing.release()
                 probing = None
         try:
-            async with self._request_settled(method, ref, path, what=what, scope=scope,
-                                             base_headers=base_headers, data=data,
-                                             auth_round=auth_round) as resp:
-                if probing is not None:
+            while True:
+                scheme = self._scheme(host)
+                origin = f"{scheme}://{host}{path}"
+                auth = await self._auth_header(ref, scope)
+                target = origin
+                resp: Any = None
+                try:
+                    for _ in range(_MAX_REDIRECTS + 1):
+                        h = dict(base_headers)
+                        if _same_origin(target, origin):
+                            h.update(auth)
+                        target_host = urlsplit(target).netloc
+                        ssl_ctx = self._ssl_for(target_host) if target.startswith("https:") \
+                            else None
+                        resp = await self._transport.request(method, target, headers=h,
+                                                             ssl_context=ssl_ctx, data=data)
+                        if resp.status in (301, 302, 303, 307, 308) and \
+                                "Location" in resp.headers:
+                            target = urljoin(target, resp.headers["Location"])
+                            resp.release()
+                            resp = None
+                            continue
+                        break
+                    else:
+                        raise TransportError(f"too many redirects from {host} while {what}")
+                except PullerError:
+                    raise
+                except (*self._transport.errors, ValueError) as exc:
+                    if (scheme == "https" and self._schemes.get(host) != "https"
+                            and self._relaxed(host) and self._transport.tls_mismatch(exc)):
+                        # A loopback or insecure registry that doesn't speak TLS: plain
+                        # HTTP, as docker does, from now on.
+                        self._schemes[host] = "http"
+                        continue
+                    raise self.map_transport(exc, host, what) from exc
+                assert resp is not None
+                self._schemes.setdefault(host, scheme)
+                if resp.status == 401 and auth_round == 0:
+                    auth_round = 1
+                    if await self._answer_challenge(ref, resp, auth, scope):
+                        resp.release()
+                        continue
+                if probing is not None:  # settled: the requests waiting on it may go
                     probing.release()
                     probing = None
-                yield resp
+                try:
+                    yield resp
+                finally:
+                    resp.release()
+                return
         finally:
             if probing is not None:
                 probing.release()
-
-    @asynccontextmanager
-    async def _request_settled(self, method: str, ref: Reference, path: str, *, what: str,
-                               scope: str, base_headers: dict[str, str], data: Any,
-                               auth_round: int) -> AsyncIterator[Any]:
-        host = ref.api_host
-        while True:
-            scheme = self._scheme(host)
-            origin = f"{scheme}://{host}{path}"
-            auth = await self._auth_header(ref, scope)
-            target = origin
-            resp: Any = None
-            try:
-                for _ in range(_MAX_REDIRECTS + 1):
-                    h = dict(base_headers)
-                    if _same_origin(target, origin):
-                        h.update(auth)
-                    target_host = urlsplit(target).netloc
-                    ssl_ctx = self._ssl_for(target_host) if target.startswith("https:") \
-                        else None
-                    resp = await self._transport.request(method, target, headers=h,
-                                                         ssl_context=ssl_ctx, data=data)
-                    if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
-                        target = urljoin(target, resp.headers["Location"])
-                        resp.release()
-                        resp = None
-                        continue
-                    break
-                else:
-                    raise TransportError(f"too many redirects from {host} while {what}")
-            except PullerError:
-                raise
-            except (*self._transport.errors, ValueError) as exc:
-                if (scheme == "https" and self._schemes.get(host) != "https"
-                        and self._relaxed(host) and self._transport.tls_mismatch(exc)):
-                    # A loopback or insecure registry that doesn't speak TLS: plain HTTP,
-                    # as docker does, from now on.
-                    self._schemes[host] = "http"
-                    continue
-                raise self.map_transport(exc, host, what) from exc
-            assert resp is not None
-            self._schemes.setdefault(host, scheme)
-            if resp.status == 401 and auth_round == 0:
-                auth_round = 1
-                if await self._answer_challenge(ref, resp, auth, scope):
-                    resp.release()
-                    continue
-            try:
-                yield resp
-            finally:
-                resp.release()
-            return
 
     async def check_login(self, ref: Reference) -> None:
         """``GET /v2/`` with whatever the registry asks for; raises unless it is accepted."""

@@ -571,7 +571,8 @@ class Transfer:
             def progress(done: int) -> None:  # in the worker thread
                 loop.call_soon_threadsafe(self._progress, target, digest, done, desc.size)
 
-            def run(up: Any = up, make: Any = make, handle: Any = handle) -> None:
+            def run(up: Any = up, make: Any = make, handle: Any = handle,
+                    offset: int = offset) -> None:
                 try:
                     # Nothing left to read when the registry holds every byte already.
                     reader = make() if offset < desc.size else _EMPTY
