@@ -174,6 +174,8 @@ def _permanent(err: PullerError) -> PullerError:
 
 
 def _same_origin(a: str, b: str) -> bool:
+    if a == b:
+        return True
     sa, sb = urlsplit(a), urlsplit(b)
     return (sa.scheme, sa.hostname, sa.port) == (sb.scheme, sb.hostname, sb.port)
 
@@ -502,9 +504,8 @@ class RegistryClient:
                         h = dict(base_headers)
                         if _same_origin(target, origin):
                             h.update(auth)
-                        target_host = urlsplit(target).netloc
-                        ssl_ctx = self._ssl_for(target_host) if target.startswith("https:") \
-                            else None
+                        ssl_ctx = self._ssl_for(urlsplit(target).netloc) \
+                            if target.startswith("https:") else None
                         resp = await self._transport.request(method, target, headers=h,
                                                              ssl_context=ssl_ctx, data=data)
                         if resp.status in (301, 302, 303, 307, 308) and \
