@@ -117,7 +117,9 @@ class RegistryReader:
 
     def close(self) -> None:
         self._handle.attach(None, _GET_SLOT)
-        if self._done and not self._resp.will_close and not self._resp.chunked:
+        # A body read to its end (known length, nothing left) keeps its connection.
+        ended = self._done or self._left == 0
+        if ended and not self._resp.will_close and not self._resp.chunked:
             self._resp.close()
             self._pool.give(self._target, self._conn)
         else:
