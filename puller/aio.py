@@ -1,4 +1,5 @@
-"""The engine's transport: aiohttp, one pooled session for every registry of a run.
+"""The aiohttp transport: one pooled session for every registry of a run (the library's
+default; the command line uses it where a proxy is configured).
 
 Connection limits live on the connector (in total and per host); a response that
 sends nothing for ``stall_timeout`` seconds fails (and the scheduler resumes it);

@@ -5,11 +5,16 @@ tokens, TLS per host, redirects, retries, error mapping). A transport only sends
 request and hands back the response:
 
 - :class:`puller.aio.AiohttpTransport`: aiohttp with uvloop-friendly connection pools;
-  the engine's transport for every blob and manifest of a pull, push or mirror.
+  the library's default, and the command line's wherever a proxy is configured.
 - :class:`ThreadedTransport`: ``http.client`` in worker threads, with keep-alive
   connections from a :class:`ConnectionPool`. It costs nothing to import, so the
-  command line pulls with it and never loads aiohttp (and asks "is my stored copy still
-  current?" with one manifest ``HEAD`` before anything else).
+  command line pulls, pushes, copies and mirrors with it and never loads aiohttp (and
+  asks "is my stored copy still current?" with one manifest ``HEAD`` before anything
+  else).
+
+Either way, blob bodies mostly bypass the transport: once the client has settled how to
+reach a registry, worker threads receive them (:mod:`puller.threadfetch`) and send them
+(:mod:`puller.threadpush`) over connections of their own.
 
 A response has ``status``, case-insensitive ``headers``, ``content_length``,
 ``content`` (``await read(n)``, ``await readany()``) and ``release()``.
