@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
-__all__ = ["fsync_dir", "write_atomic"]
+__all__ = ["fsync_dir", "write_atomic", "thread_buffer", "BUFFER_SIZE"]
+
+BUFFER_SIZE = 1 << 20
+_local = threading.local()
+
+
+def thread_buffer() -> memoryview:
+    """This thread's 1 MiB I/O buffer, made once. Blob bytes pass through it (received,
+    read back, sent) instead of through a fresh object per read: a zeroed MiB per blob
+    was most of a small blob's CPU, and allocating and freeing large buffers makes the
+    C allocator keep them, so peak memory grew with the number of transfers at once."""
+    view = getattr(_local, "view", None)
+    if view is None:
+        view = _local.view = memoryview(bytearray(BUFFER_SIZE))
+    return view
 
 
 def fsync_dir(path: Path) -> None:

@@ -426,17 +426,19 @@ class RateGate:
     when it answered: those still in flight, and those that ended after the announcing
     request was sent. So concurrent jobs can't rush past the reserve on an old number;
     once at the reserve, GETs go one per ``window / limit`` seconds, the pace at which
-    the registry gives requests back."""
+    the registry gives requests back. Until a registry has answered one GET, the others
+    wait for that answer: it may announce a limit."""
 
     def __init__(self, reserve: int, lookup: Callable[[Reference], Any],
                  on_wait: Callable[[str, float, int], None] | None = None) -> None:
         self.reserve = reserve
         self._lookup = lookup
-        self._gets: dict[str, list[list[float | None]]] = {}  # host -> [sent, ended]
+        self._gets: dict[str, list[list[Any]]] = {}  # host -> [sent, ended, done, host]
+        self._heard: set[str] = set()  # hosts that have answered a GET
         self._locks: dict[str, asyncio.Lock] = {}
         self._on_wait = on_wait
 
-    async def before_get(self, ref: Reference) -> list[float | None]:
+    async def before_get(self, ref: Reference) -> list[Any]:
         """Wait as long as the limit asks. Returns the GET's ticket for
         :meth:`after_get`."""
         host = ref.api_host
@@ -444,7 +446,14 @@ class RateGate:
         gets = self._gets.setdefault(host, [])
         async with lock:
             info = self._lookup(ref)
-            if info is not None:
+            if info is None and host not in self._heard and gets:
+                # Nothing heard from this registry yet and a GET is out: its answer may
+                # announce a limit, so wait for it rather than send a burst blind.
+                await gets[0][2].wait()
+                info = self._lookup(ref)
+            if info is None:
+                gets[:] = [g for g in gets if g[1] is None]
+            else:
                 remaining, limit, window = info[0], info[1], info[2]
                 asked_at = getattr(info, "asked_at", None)
                 # GETs that ended before the announcing request was sent are in its count.
@@ -456,13 +465,14 @@ class RateGate:
                     if self._on_wait is not None:
                         self._on_wait(host, delay, left)
                     await asyncio.sleep(delay)
-            ticket: list[float | None] = [time.monotonic(), None]
+            ticket: list[Any] = [time.monotonic(), None, asyncio.Event(), host]
             gets.append(ticket)
             return ticket
 
-    @staticmethod
-    def after_get(ticket: list[float | None]) -> None:
+    def after_get(self, ticket: list[Any]) -> None:
         ticket[1] = time.monotonic()
+        ticket[2].set()
+        self._heard.add(ticket[3])
 
 
 # -- jobs ---------------------------------------------------------------------------------------

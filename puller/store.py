@@ -38,11 +38,10 @@ from typing import Any, Callable, Iterator
 from . import mediatypes
 from .digest import Digest
 from .errors import DigestMismatch, SizeMismatch, StoreError
-from .fsutil import fsync_dir, write_atomic
+from .fsutil import fsync_dir, thread_buffer, write_atomic
 
 __all__ = ["ContentStore", "BlobWriter", "StoreBusy", "default_store_path"]
 
-_REHASH_CHUNK = 4 * 1024 * 1024
 GC_LOCK = "gc.lock"
 PULLS_LOCK = "pulls.lock"
 
@@ -127,12 +126,13 @@ class BlobWriter:
             os.ftruncate(self._fd, 0)
             have = 0
         done = 0
+        buf = thread_buffer()
         while done < have:
-            chunk = os.pread(self._fd, min(_REHASH_CHUNK, have - done), done)
-            if not chunk:
+            n = os.preadv(self._fd, [buf[:min(len(buf), have - done)]], done)
+            if not n:
                 break
-            self._hasher.update(chunk)
-            done += len(chunk)
+            self._hasher.update(buf[:n])
+            done += n
         if done != have:  # file shrank under us; start over rather than guess
             os.ftruncate(self._fd, 0)
             self._hasher = self.digest.hasher()
@@ -228,12 +228,13 @@ class BlobWriter:
     def absorb(self, upto: int) -> None:
         """Hash the segments already on disk from ``offset`` to ``upto`` (in order)."""
         try:
+            buf = thread_buffer()
             while self.offset < upto:
-                chunk = os.pread(self._fd, min(_REHASH_CHUNK, upto - self.offset), self.offset)
-                if not chunk:
+                n = os.preadv(self._fd, [buf[:min(len(buf), upto - self.offset)]], self.offset)
+                if not n:
                     raise SizeMismatch(f"blob {self.digest}: segment data missing on disk")
-                self._hasher.update(chunk)
-                self.offset += len(chunk)
+                self._hasher.update(buf[:n])
+                self.offset += n
             os.lseek(self._fd, self.offset, os.SEEK_SET)
         except OSError as exc:
             raise _store_error(exc, f"reading back blob {self.digest}") from exc

@@ -26,6 +26,7 @@ from urllib.parse import urljoin, urlsplit
 
 from .client import BlobRequest
 from .errors import SizeMismatch
+from .fsutil import thread_buffer as buffer
 from .store import BlobWriter
 from .transport import ConnectionPool, describe_network_error
 
@@ -36,18 +37,6 @@ _CHUNK = 1 << 20
 _REPORT_EVERY = 256 * 1024  # bytes between progress reports to the event loop
 _MAX_REDIRECTS = 5
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
-
-
-_local = threading.local()
-
-
-def buffer() -> memoryview:
-    """This thread's 1 MiB receive buffer, made once: a fresh one per blob costs a
-    zeroed MiB and its page faults, which is most of a small blob's CPU."""
-    view = getattr(_local, "view", None)
-    if view is None:
-        view = _local.view = memoryview(bytearray(_CHUNK))
-    return view
 
 
 class NotPlain(Exception):
