@@ -53,7 +53,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import (  # noqa: E402  (benchmarks/run.py; puts the repository on sys.path)
-    BENCH, KiB, MiB, PY, RUN_TIMEOUT, TOOLS, WORK, Bench, Ctx, Tool, measure, seed,
+    BENCH, KiB, MiB, PY, RUN_TIMEOUT, TOOLS, WORK, Bench, Ctx, Tool, machine_lines, measure,
+    seed,
 )
 from tests.support.registry import Registry  # noqa: E402
 
@@ -361,20 +362,7 @@ def render_md(meta: dict, config: dict, summ: dict) -> str:
              "Ratio = skopeo median / puller median (> 1: puller is faster). MiB/s = blob bytes "
              "/ median wall time.")
     L.append("")
-    L += ["## Machine", ""]
-    for k, label in (("date", "date"), ("nproc", "cores (nproc)"), ("cpu", "CPU"),
-                     ("processor", "platform.processor()"), ("memory", "memory"),
-                     ("kernel", "kernel"), ("puller_python", "python/aiohttp (puller)"),
-                     ("skopeo", "skopeo"), ("registry", "registry"),
-                     ("puller_commit", "puller commit")):
-        L.append(f"- {label}: {meta.get(k, '?')}")
-    if "spawn_overhead_s" in meta:
-        L.append(f"- measurement floor: `true` through the launcher takes "
-                 f"{meta['spawn_overhead_s'] * 1000:.1f} ms wall (part of every intercept a)")
-    la0, la1 = meta.get("loadavg_start"), meta.get("loadavg_end")
-    if la0 and la1:
-        L.append(f"- load average at start / end: {la0[0]:.2f} / {la1[0]:.2f}")
-    L.append("")
+    L += machine_lines(meta, " (part of every intercept a)")
     L.append(render_tables(summ))
     return "\n".join(L)
 

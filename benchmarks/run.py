@@ -674,6 +674,27 @@ def _fmt(v: float | None, nd: int = 2) -> str:
     return "—" if v is None else f"{v:.{nd}f}"
 
 
+def machine_lines(meta: dict, floor_note: str = "") -> list[str]:
+    """The "## Machine" section of a results page (also used by growth.py)."""
+    L = ["## Machine", ""]
+    for k, label in (("date", "date"), ("nproc", "nproc"), ("cpu", "CPU"),
+                     ("processor", "platform.processor()"), ("memory", "memory"),
+                     ("kernel", "kernel"), ("python", "python (harness)"),
+                     ("puller_python", "python/aiohttp (puller)"), ("skopeo", "skopeo"),
+                     ("registry", "registry"), ("puller_commit", "puller commit")):
+        if k in meta:
+            L.append(f"- {label}: {meta[k]}")
+    if "spawn_overhead_s" in meta:
+        rss = f", {meta['rss_floor_mib']} MB peak RSS" if "rss_floor_mib" in meta else ""
+        L.append(f"- measurement floor: `true` run through the launcher takes "
+                 f"{meta['spawn_overhead_s'] * 1000:.1f} ms wall{rss}{floor_note}")
+    la0, la1 = meta.get("loadavg_start"), meta.get("loadavg_end")
+    if la0 and la1:
+        L.append(f"- load average at start / end: {la0[0]:.2f} / {la1[0]:.2f}")
+    L.append("")
+    return L
+
+
 def render_md(meta: dict, config: dict, summ: dict) -> str:
     L = ["# puller benchmark results", ""]
     L.append(f"{'Quick run' if config['quick'] else 'Full run'}, {config['reps']} repetitions "
@@ -685,20 +706,7 @@ def render_md(meta: dict, config: dict, summ: dict) -> str:
              "the scenario's unique blob bytes / median wall time. CPU = user+sys of the tool's "
              "process tree. RSS = peak resident set of the largest process.")
     L.append("")
-    L.append("## Machine")
-    L.append("")
-    for k, label in (("date", "date"), ("nproc", "nproc"), ("cpu", "CPU"), ("memory", "memory"),
-                     ("kernel", "kernel"), ("python", "python (harness)"),
-                     ("puller_python", "python/aiohttp (puller)"), ("skopeo", "skopeo"),
-                     ("registry", "registry"), ("puller_commit", "puller commit")):
-        L.append(f"- {label}: {meta.get(k, '?')}")
-    if "rss_floor_mib" in meta:
-        L.append(f"- measurement floor: `true` run through the launcher takes "
-                 f"{meta['spawn_overhead_s'] * 1000:.1f} ms wall, {meta['rss_floor_mib']} MB peak RSS")
-    la0, la1 = meta.get("loadavg_start"), meta.get("loadavg_end")
-    if la0 and la1:
-        L.append(f"- load average at start / end: {la0[0]:.2f} / {la1[0]:.2f}")
-    L.append("")
+    L += machine_lines(meta)
     for name, s in summ.items():
         L.append(f"## {name}: {s['title']}")
         L.append("")

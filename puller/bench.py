@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .fsutil import write_all
+
 __all__ = ["RunStats", "BenchReport", "bench", "machine_rates"]
 
 _MB = 1024 * 1024
@@ -108,9 +110,7 @@ def machine_rates(directory: Path, sample: int = 64 * _MB) -> tuple[float, float
     t = time.perf_counter()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)

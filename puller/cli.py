@@ -257,7 +257,7 @@ def _pull_command(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signal.SIGTERM, task.cancel)
         try:
             async with Puller(store=args.store, options=options, client_options=client_options,
-                              on_event=view.event, transport=_pull_transport(client_options)
+                              on_event=view.event, transport=command_transport(client_options)
                               ) as puller:
                 results = await puller.pull_many(refs, fail_fast=args.fail_fast)
         except PullerError as exc:  # the store itself could not be opened
@@ -453,10 +453,10 @@ def _bench_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _pull_transport(client_options: Any) -> Any:
-    """The command line pulls over ``http.client`` in threads (no aiohttp to import:
-    about 0.2 s less per run, measured) unless a proxy is configured, which only the
-    aiohttp transport honours."""
+def command_transport(client_options: Any) -> Any:
+    """The command line (pull, push, copy, mirror) talks to registries over
+    ``http.client`` in threads (no aiohttp to import: about 0.2 s less per run, measured)
+    unless a proxy is configured, which only the aiohttp transport honours."""
     from .transport import ThreadedTransport, proxy_configured
 
     if proxy_configured():

@@ -211,6 +211,7 @@ class RegistryClient:
         self._schemes: dict[str, str] = {}  # host -> scheme that worked
         self._probes: dict[str, asyncio.Lock] = {}  # host -> held while its scheme is found
         self._proxied = proxy_configured()  # read once: the environment is read once too
+        self._rate_limits: dict[str, RateLimit] = {}  # host -> its last RateLimit-* answer
         self._insecure = {h.strip() for h in self.options.insecure_registries if h.strip()}
         env = os.environ.get("PULLER_INSECURE_REGISTRIES", "")
         self._insecure.update(h.strip() for h in env.split(",") if h.strip())
@@ -697,7 +698,7 @@ class RegistryClient:
         if remaining is None:
             return
         limit = _rate_value(headers.get("RateLimit-Limit"))
-        table = self.__dict__.setdefault("_rate_limits", {})
+        table = self._rate_limits
         known = table.get(host)
         if known is not None and known.asked_at > asked_at:
             return
@@ -707,7 +708,7 @@ class RegistryClient:
     def rate_limit(self, ref: Reference) -> RateLimit | None:
         """The latest ``RateLimit(remaining, limit, window, asked_at)`` the registry
         announced on a manifest request, if any."""
-        return self.__dict__.get("_rate_limits", {}).get(ref.api_host)
+        return self._rate_limits.get(ref.api_host)
 
     def _upload_path(self, ref: Reference, location: str) -> str:
         """An upload ``Location`` (absolute or relative) as a path on the registry host."""

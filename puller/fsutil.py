@@ -7,7 +7,7 @@ import threading
 import time
 from pathlib import Path
 
-__all__ = ["fsync_dir", "write_atomic", "thread_buffer", "BUFFER_SIZE"]
+__all__ = ["fsync_dir", "write_all", "write_atomic", "thread_buffer", "BUFFER_SIZE"]
 
 BUFFER_SIZE = 1 << 20
 _local = threading.local()
@@ -33,6 +33,13 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """``os.write`` until every byte of ``data`` is written."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` through a temporary file (``.NAME.tmp-…`` beside it),
     fsync and rename: readers see the old file or the new one, never a part."""
@@ -40,9 +47,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -418,6 +418,18 @@ def rate_delay(remaining: int | None, limit: int | None, window: int | None,
     return 60.0
 
 
+class _Get:
+    """One manifest GET that went through a :class:`RateGate`."""
+
+    __slots__ = ("host", "sent", "ended", "answered")
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.sent = time.monotonic()
+        self.ended: float | None = None
+        self.answered = asyncio.Event()
+
+
 class RateGate:
     """Spaces out manifest GETs to a registry whose ``RateLimit-Remaining`` runs low.
 
@@ -433,12 +445,12 @@ class RateGate:
                  on_wait: Callable[[str, float, int], None] | None = None) -> None:
         self.reserve = reserve
         self._lookup = lookup
-        self._gets: dict[str, list[list[Any]]] = {}  # host -> [sent, ended, done, host]
+        self._gets: dict[str, list[_Get]] = {}  # host -> GETs it may not have counted
         self._heard: set[str] = set()  # hosts that have answered a GET
         self._locks: dict[str, asyncio.Lock] = {}
         self._on_wait = on_wait
 
-    async def before_get(self, ref: Reference) -> list[Any]:
+    async def before_get(self, ref: Reference) -> _Get:
         """Wait as long as the limit asks. Returns the GET's ticket for
         :meth:`after_get`."""
         host = ref.api_host
@@ -449,30 +461,28 @@ class RateGate:
             if info is None and host not in self._heard and gets:
                 # Nothing heard from this registry yet and a GET is out: its answer may
                 # announce a limit, so wait for it rather than send a burst blind.
-                await gets[0][2].wait()
+                await gets[0].answered.wait()
                 info = self._lookup(ref)
-            if info is None:
-                gets[:] = [g for g in gets if g[1] is None]
-            else:
+            asked_at = getattr(info, "asked_at", None)
+            # GETs that ended before the announcing request was sent are in its count.
+            gets[:] = [g for g in gets if g.ended is None or
+                       (asked_at is not None and g.ended > asked_at)]
+            if info is not None:
                 remaining, limit, window = info[0], info[1], info[2]
-                asked_at = getattr(info, "asked_at", None)
-                # GETs that ended before the announcing request was sent are in its count.
-                gets[:] = [g for g in gets if g[1] is None or
-                           (asked_at is not None and g[1] > asked_at)]
                 left = remaining - len(gets)
                 delay = rate_delay(left, limit, window, self.reserve)
                 if delay > 0:
                     if self._on_wait is not None:
                         self._on_wait(host, delay, left)
                     await asyncio.sleep(delay)
-            ticket: list[Any] = [time.monotonic(), None, asyncio.Event(), host]
+            ticket = _Get(host)
             gets.append(ticket)
             return ticket
 
-    def after_get(self, ticket: list[Any]) -> None:
-        ticket[1] = time.monotonic()
-        ticket[2].set()
-        self._heard.add(ticket[3])
+    def after_get(self, ticket: _Get) -> None:
+        ticket.ended = time.monotonic()
+        ticket.answered.set()
+        self._heard.add(ticket.host)
 
 
 # -- jobs ---------------------------------------------------------------------------------------

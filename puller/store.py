@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator
 from . import mediatypes
 from .digest import Digest
 from .errors import DigestMismatch, SizeMismatch, StoreError
-from .fsutil import fsync_dir, thread_buffer, write_atomic
+from .fsutil import fsync_dir, thread_buffer, write_all, write_atomic
 
 __all__ = ["ContentStore", "BlobWriter", "StoreBusy", "default_store_path"]
 
@@ -158,10 +158,7 @@ class BlobWriter:
                 f"blob {self.digest}: server sent more than the expected {self.size} bytes")
         self._hasher.update(data)
         try:
-            view = memoryview(data)
-            while view:
-                w = os.write(self._fd, view)
-                view = view[w:]
+            write_all(self._fd, data)
         except OSError as exc:
             raise _store_error(exc, f"writing blob {self.digest}") from exc
         self.offset += n

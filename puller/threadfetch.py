@@ -26,14 +26,13 @@ from urllib.parse import urljoin, urlsplit
 
 from .client import BlobRequest
 from .errors import SizeMismatch
-from .fsutil import thread_buffer as buffer
+from .fsutil import thread_buffer
 from .store import BlobWriter
 from .transport import ConnectionPool, describe_network_error
 
-__all__ = ["NotPlain", "Cancelled", "Handle", "buffer", "fetch_into", "fetch_range", "in_thread",
-           "open_get"]
+__all__ = ["NotPlain", "Cancelled", "Handle", "fetch_into", "fetch_range", "in_thread",
+           "open_get", "read_into", "done_with"]
 
-_CHUNK = 1 << 20
 _REPORT_EVERY = 256 * 1024  # bytes between progress reports to the event loop
 _MAX_REDIRECTS = 5
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
@@ -108,6 +107,35 @@ def _shutdown(sock: socket.socket) -> None:
         pass
 
 
+def read_into(resp: http.client.HTTPResponse, view: memoryview, remaining: int | None, *,
+              handle: Handle, host: str, what: str) -> int:
+    """One read of a response body into ``view``: whatever has arrived, up to
+    ``len(view)`` and, for a body of known length, up to its ``remaining`` bytes (None:
+    chunked). 0 only at the end of the body; a known-length body that ends early raises.
+    Straight from the socket where the length is known (readinto1 returns what one recv
+    brought, so progress keeps up with the network even when it stalls); chunked bodies
+    go through http.client. Network failures become one-line errors; a cancelled
+    ``handle`` raises :class:`Cancelled`."""
+    if remaining == 0:
+        return 0
+    try:
+        if remaining is None:
+            chunk = resp.read1(len(view))
+            n = len(chunk)
+            view[:n] = chunk
+        else:
+            n = resp.fp.readinto1(view[:min(len(view), remaining)])  # type: ignore[union-attr]
+            if not n:
+                raise http.client.IncompleteRead(b"", remaining)
+    except (OSError, http.client.HTTPException) as exc:
+        if handle.cancelled.is_set():
+            raise Cancelled() from exc
+        raise describe_network_error(exc, host, what) from exc
+    if handle.cancelled.is_set():
+        raise Cancelled()
+    return n
+
+
 def fetch_into(req: BlobRequest, writer: BlobWriter, *, handle: Handle,
                progress: Callable[[int], None], pool: ConnectionPool) -> int:
     """Receive the rest of the blob into ``writer`` (from ``writer.offset``), hashing as
@@ -123,7 +151,7 @@ def fetch_into(req: BlobRequest, writer: BlobWriter, *, handle: Handle,
         keep = not resp.will_close and not resp.chunked
         return got
     finally:
-        _done_with(resp, conn, target, keep, handle, pool)
+        done_with(resp, conn, target, keep, handle, pool)
 
 
 def open_get(req: BlobRequest, offset: int, size: int, *, handle: Handle,
@@ -216,20 +244,11 @@ def fetch_range(req: BlobRequest, start: int, end: int, size: int, *,
                                    f"exactly that range while {what}")
         if conn.sock is not None:
             conn.sock.settimeout(req.timeout)
-        view = buffer()
+        view = thread_buffer()
         remaining = end - start + 1
         got = reported = 0
         while remaining:
-            try:
-                n = resp.fp.readinto1(view[:min(_CHUNK, remaining)])  # type: ignore[union-attr]
-                if not n:
-                    raise http.client.IncompleteRead(b"", remaining)
-            except (OSError, http.client.HTTPException) as exc:
-                if handle.cancelled.is_set():
-                    raise Cancelled() from exc
-                raise describe_network_error(exc, host, what) from exc
-            if handle.cancelled.is_set():
-                raise Cancelled()
+            n = read_into(resp, view, remaining, handle=handle, host=host, what=what)
             put(view[:n])
             remaining -= n
             got += n
@@ -240,10 +259,10 @@ def fetch_range(req: BlobRequest, start: int, end: int, size: int, *,
         progress(got)
         return got
     finally:
-        _done_with(resp, conn, target, keep, handle, pool)
+        done_with(resp, conn, target, keep, handle, pool)
 
 
-def _done_with(resp: http.client.HTTPResponse, conn: http.client.HTTPConnection,
+def done_with(resp: http.client.HTTPResponse, conn: http.client.HTTPConnection,
                target: Any, keep: bool, handle: Handle, pool: ConnectionPool) -> None:
     """Detach the socket from ``handle``; a body read to its end (``keep``) leaves a
     connection that goes back to the pool, anything else is closed."""
@@ -261,37 +280,13 @@ def _receive(resp: http.client.HTTPResponse, conn: http.client.HTTPConnection,
     if conn.sock is not None:
         conn.sock.settimeout(stall_timeout)  # a read that waits this long has stalled
     begun = reported = writer.offset
-    view = buffer()
+    view = thread_buffer()
     what = f"fetching blob {writer.digest}"
-    # With a known length, read straight from the socket: readinto1 returns whatever
-    # has arrived (one recv, up to a MiB), so progress and partial data keep up with
-    # the network even when it stalls. Chunked bodies go through http.client.
     remaining = None if resp.chunked else resp.length
-    while True:
-        try:
-            if remaining is None:
-                chunk = resp.read1(_CHUNK)
-                n = len(chunk)
-                view[:n] = chunk
-            elif remaining == 0:
-                n = 0
-            else:
-                n = resp.fp.readinto1(view[:min(_CHUNK, remaining)])  # type: ignore[union-attr]
-                if not n:
-                    raise http.client.IncompleteRead(b"", remaining)
-                remaining -= n
-        except (OSError, http.client.HTTPException) as exc:
-            if handle.cancelled.is_set():
-                raise Cancelled() from exc
-            raise describe_network_error(exc, host, what) from exc
-        if handle.cancelled.is_set():
-            raise Cancelled()
-        if not n:
-            break
-        if writer.offset + n > writer.size:
-            raise SizeMismatch(
-                f"blob {writer.digest}: server sent more than the expected {writer.size} bytes")
-        writer.write(view[:n])
+    while n := read_into(resp, view, remaining, handle=handle, host=host, what=what):
+        if remaining is not None:
+            remaining -= n
+        writer.write(view[:n])  # refuses bytes beyond the descriptor's size
         if writer.offset - reported >= _REPORT_EVERY:  # not one loop wake-up per recv
             reported = writer.offset
             progress(reported)

@@ -33,13 +33,13 @@ from urllib.parse import urlencode, urljoin, urlsplit
 from .client import BlobRequest, upload_range
 from .digest import Digest
 from .errors import DigestMismatch, PullerError, TransportError
-from .threadfetch import Cancelled, Handle, NotPlain, buffer, open_get
+from .fsutil import thread_buffer
+from .threadfetch import Cancelled, Handle, NotPlain, done_with, open_get, read_into
 from .transport import ConnectionPool, describe_network_error
 
 __all__ = ["Reader", "FileReader", "RegistryReader", "Interrupted", "send_blob"]
 
-_CHUNK = 1 << 20
-_GET_SLOT, _PUT_SLOT = 0, 1
+_PUT_SLOT = 1  # the handle slot of the upload's socket (the source GET is in slot 0)
 
 
 class Reader(Protocol):
@@ -81,31 +81,15 @@ class RegistryReader:
             self._conn.sock.settimeout(req.timeout)
         self._skip = offset - start  # the source ignored Range: drop what we have sent
         self._left = None if self._resp.chunked else self._resp.length
-        self._done = False
 
     def readinto(self, view: memoryview) -> int:
         while True:
-            if self._left == 0:
-                self._done = True
-                return 0
-            want = len(view) if self._left is None else min(len(view), self._left)
-            try:
-                if self._left is None:
-                    data = self._resp.read1(want)
-                    n = len(data)
-                    view[:n] = data
-                else:
-                    n = self._resp.fp.readinto1(view[:want])  # type: ignore[union-attr]
-                    if not n:
-                        raise http.client.IncompleteRead(b"", self._left)
-                    self._left -= n
-            except (OSError, http.client.HTTPException) as exc:
-                if self._handle.cancelled.is_set():
-                    raise Cancelled() from exc
-                raise describe_network_error(exc, self._host, self._what) from exc
+            n = read_into(self._resp, view, self._left, handle=self._handle, host=self._host,
+                          what=self._what)
             if not n:
-                self._done = True
                 return 0
+            if self._left is not None:
+                self._left -= n
             if self._skip:
                 cut = min(self._skip, n)
                 self._skip -= cut
@@ -116,14 +100,9 @@ class RegistryReader:
             return n
 
     def close(self) -> None:
-        self._handle.attach(None, _GET_SLOT)
-        # A body read to its end (known length, nothing left) keeps its connection.
-        ended = self._done or self._left == 0
-        if ended and not self._resp.will_close and not self._resp.chunked:
-            self._resp.close()
-            self._pool.give(self._target, self._conn)
-        else:
-            self._conn.close()
+        # A body of known length read to its end keeps its connection.
+        done_with(self._resp, self._conn, self._target,
+                  self._left == 0 and not self._resp.will_close, self._handle, self._pool)
 
 
 class Interrupted(TransportError):
@@ -142,7 +121,7 @@ def send_blob(up: BlobRequest, source: Reader, *, digest: Digest, size: int, off
     From offset 0 the bytes are hashed on the way and must match ``digest``; a resumed
     upload is checked by the registry alone (it hashes everything it stored)."""
     hasher = hashlib.sha256() if offset == 0 and digest.algorithm == "sha256" else None
-    view = buffer()
+    view = thread_buffer()
     location = up.url
     where = [location]
     sent = offset
@@ -239,7 +218,7 @@ def _send(up: BlobRequest, method: str, url: str, length: int, source: Reader | 
         sending_failed: BaseException | None = None
         while moved < length:
             assert source is not None
-            n = source.readinto(view[:min(_CHUNK, length - moved)])
+            n = source.readinto(view[:min(len(view), length - moved)])
             if not n:
                 raise TransportError(f"blob ended at the source after {start + moved} bytes "
                                      f"while {what}")

@@ -279,11 +279,12 @@ def _push_command(args: argparse.Namespace) -> int:
     store = ContentStore(args.store or default_store_path())
 
     async def run() -> int:
+        from .cli import command_transport
         from .client import RegistryClient
         from .push import ImageStats, StoreProvider, Transfer
 
         async with RegistryClient(client_options,
-                                  transport=_command_transport(client_options)) as client:
+                                  transport=command_transport(client_options)) as client:
             transfer = Transfer(client, options, emit=out.event)
 
             async def one(ref: Reference) -> bool:
@@ -445,15 +446,6 @@ def _blob_summary(stats: Any) -> str:
             f"{_human(stats.bytes_reused)} reused")
 
 
-def _command_transport(client_options: Any) -> Any:
-    """Push, copy and mirror talk to registries like ``pull`` does: ``http.client`` in
-    threads (blob bytes go through :mod:`puller.threadpush`), aiohttp only where a proxy
-    is configured."""
-    from .cli import _pull_transport
-
-    return _pull_transport(client_options)
-
-
 class _Engine:
     """Client + transfer (+ the store and a download scheduler for --via-store)."""
 
@@ -470,11 +462,12 @@ class _Engine:
         self._executor: Any = None
 
     async def __aenter__(self) -> _Engine:
+        from .cli import command_transport
         from .client import RegistryClient
         from .push import Transfer
 
         self.client = await RegistryClient(
-            self.client_options, transport=_command_transport(self.client_options)).__aenter__()
+            self.client_options, transport=command_transport(self.client_options)).__aenter__()
         self.transfer = Transfer(self.client, self.options, emit=self.out.event)
         if getattr(self.args, "via_store", False):
             import asyncio

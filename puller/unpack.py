@@ -43,6 +43,7 @@ from typing import Any, BinaryIO
 
 from .digest import Digest
 from .errors import DigestMismatch, PullerError, StoreError
+from .fsutil import write_all
 from .store import ContentStore
 
 __all__ = ["unpack", "UnpackError", "UnpackReport", "unpack_command"]
@@ -392,9 +393,7 @@ class _Applier:
             src = tf.extractfile(m)
             if src is not None:
                 while chunk := src.read(_CHUNK):
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view):]
+                    write_all(fd, chunk)
             if self.chown and self.is_root:
                 os.fchown(fd, m.uid, m.gid)
             os.fchmod(fd, stat.S_IMODE(m.mode))
