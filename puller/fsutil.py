@@ -7,10 +7,14 @@ import threading
 import time
 from pathlib import Path
 
-__all__ = ["fsync_dir", "write_all", "write_atomic", "thread_buffer", "BUFFER_SIZE"]
+__all__ = ["fsync_dir", "write_all", "write_atomic", "thread_buffer", "start_writeback",
+           "BUFFER_SIZE", "WRITEBACK_STEP"]
 
 BUFFER_SIZE = 1 << 20
+# A blob writer asks the kernel to start writing its file out after every this many bytes.
+WRITEBACK_STEP = 8 << 20
 _local = threading.local()
+_sync_file_range: object = None  # resolved on first use; False where there is none
 
 
 def thread_buffer() -> memoryview:
@@ -22,6 +26,34 @@ def thread_buffer() -> memoryview:
     if view is None:
         view = _local.view = memoryview(bytearray(BUFFER_SIZE))
     return view
+
+
+def start_writeback(fd: int) -> None:
+    """Have the kernel start writing ``fd``'s dirty pages to disk now, without waiting for
+    it (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``). Left alone, a blob's pages stay
+    dirty until the commit's fsync, which then writes the whole blob while the download
+    waits: with 8 x 64 MiB that was a quarter of a second at the end of every pull. Kicked
+    while the bytes arrive, the disk works alongside the network and the fsync finds little
+    left. Advisory: where the call is missing or fails nothing happens (the fsync at commit
+    still makes the blob durable)."""
+    global _sync_file_range
+    fn = _sync_file_range
+    if fn is None:
+        fn = _sync_file_range = _load_sync_file_range()
+    if fn:
+        fn(fd, 0, 0, 2)  # offset 0, nbytes 0 = to the end; 2 = SYNC_FILE_RANGE_WRITE
+
+
+def _load_sync_file_range() -> object:
+    try:
+        import ctypes  # only blobs past WRITEBACK_STEP get here: small pulls never load it
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (ImportError, OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
 
 
 def fsync_dir(path: Path) -> None:
