@@ -524,7 +524,11 @@ def du(s: ContentStore) -> dict[str, Any]:
         with os.scandir(ingest) as it:
             for de in it:
                 try:
-                    partial += os.lstat(Path(de.path) / "data").st_size
+                    if de.is_file(follow_symlinks=False):
+                        if not de.name.endswith(".segments"):
+                            partial += de.stat(follow_symlinks=False).st_size
+                    elif de.is_dir(follow_symlinks=False):  # older versions' layout
+                        partial += os.lstat(Path(de.path) / "data").st_size
                 except OSError:
                     pass
     referenced = sum(sizes.values())

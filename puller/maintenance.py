@@ -52,7 +52,7 @@ from . import mediatypes
 from .digest import ALGORITHMS, Digest
 from .errors import PullerError, StoreError
 from .manifest import MAX_MANIFEST_SIZE, ImageIndex, parse_manifest
-from .store import ContentStore, default_store_path
+from .store import SEGMENTS_SUFFIX, ContentStore, clear_legacy_partial, default_store_path
 
 __all__ = ["FsckReport", "GcReport", "Problem", "Partial", "fsck", "gc", "add_parsers"]
 
@@ -374,11 +374,16 @@ def _why_incomplete(s: ContentStore, good: dict[Digest, int], digest: Digest,
 def _scan_ingest(s: ContentStore) -> list[Partial]:
     out = []
     for e in _scandir(s.root / "ingest"):
+        if e.name.endswith(SEGMENTS_SUFFIX):
+            continue  # a note beside a partial, reported with it
         p = Path(e.path)
         digest = _ingest_digest(e.name)
         size = 0
         active = False
-        if e.is_dir(follow_symlinks=False):
+        if e.is_file(follow_symlinks=False):
+            size = e.stat(follow_symlinks=False).st_size
+            active = _lock_state(p)
+        elif e.is_dir(follow_symlinks=False):  # the layout of older versions
             try:
                 size = os.lstat(p / "data").st_size
             except OSError:
@@ -540,13 +545,23 @@ def _gc(s: ContentStore, *, dry_run: bool) -> GcReport:
                 report.blobs_removed.append(_rel(s, p))
                 report.blob_bytes += size
 
-    for e in _scandir(s.root / "ingest"):
+    entries = list(_scandir(s.root / "ingest"))
+    names = {e.name for e in entries}
+    for e in entries:
         p = Path(e.path)
-        if not e.is_dir(follow_symlinks=False):
+        if e.name.endswith(SEGMENTS_SUFFIX):
+            # Removed with its partial, below; on its own only when the partial is gone.
+            if e.name[:-len(SEGMENTS_SUFFIX)] not in names and (dry_run or _unlink(p)):
+                report.ingest_removed.append(_rel(s, p))
+            continue
+        if e.is_dir(follow_symlinks=False):  # the layout of older versions
+            freed = _legacy_size(p) if dry_run else clear_legacy_partial(p)
+        elif e.is_file(follow_symlinks=False):
+            freed = _remove_partial(p, dry_run)
+        else:  # a link or anything else puller never makes there
             if dry_run or _unlink(p):
                 report.ingest_removed.append(_rel(s, p))
             continue
-        freed = _remove_partial(p, dry_run)
         if freed is None:
             report.ingest_busy += 1
         else:
@@ -566,48 +581,44 @@ def _gc(s: ContentStore, *, dry_run: bool) -> GcReport:
     return report
 
 
-def _remove_partial(directory: Path, dry_run: bool) -> int | None:
-    """Remove one ingest entry unless its lock is held; returns bytes freed or None."""
-    lock = directory / "lock"
-    fd = -1
+def _remove_partial(path: Path, dry_run: bool) -> int | None:
+    """Remove one partial download (and its segments note) unless a writer holds its
+    lock; returns bytes freed, or None when it is busy."""
     try:
-        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    except OSError as exc:
-        if fd >= 0:
-            os.close(fd)
-            fd = -1
-        if exc.errno not in (errno.ENOENT, errno.ELOOP):
-            return None
-    try:
-        size = 0
-        for name in sorted(os.listdir(directory)):
-            try:
-                st = os.lstat(directory / name)
-            except OSError:
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                return None  # not something puller made: leave the directory alone
-            size += st.st_size if stat.S_ISREG(st.st_mode) else 0
-        if dry_run:
-            return size
-        for name in os.listdir(directory):
-            if name != "lock":
-                _unlink(directory / name)
-        _unlink(lock)  # last: a writer that opened it meanwhile sees it gone and retries
-        try:
-            os.rmdir(directory)
-        except OSError:
-            pass
-        return size
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return 0
     except OSError:
         return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        size = os.fstat(fd).st_size
+        if not dry_run:
+            _unlink(path.with_name(path.name + SEGMENTS_SUFFIX))
+            # Unlinked while we hold the lock: a writer that opened it meanwhile finds
+            # the name gone once it gets the lock, and starts a new file.
+            _unlink(path)
+        return size
+    except OSError:  # BlockingIOError: a pull is writing it right now
+        return None
     finally:
-        if fd >= 0:
-            os.close(fd)
+        os.close(fd)
+
+
+def _legacy_size(directory: Path) -> int | None:
+    """What :func:`clear_legacy_partial` would free, without removing anything."""
+    if _lock_state(directory / "lock"):
+        return None
+    size = 0
+    try:
+        for name in os.listdir(directory):
+            st = os.lstat(directory / name)
+            if stat.S_ISDIR(st.st_mode):
+                return None
+            size += st.st_size if stat.S_ISREG(st.st_mode) else 0
+    except OSError:
+        return None
+    return size
 
 
 # -- command line --------------------------------------------------------------------------

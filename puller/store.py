@@ -5,8 +5,10 @@ Layout of the store root::
     oci-layout                 {"imageLayoutVersion": "1.0.0"}
     index.json                 one entry per pulled image, named by its normalised reference
     blobs/sha256/<hex>         verified content only; the name is the digest of the bytes
-    ingest/sha256-<hex>/data   unfinished downloads (never counted as present)
-    ingest/sha256-<hex>/lock   held (flock) by whoever is writing that digest
+    ingest/sha256-<hex>        an unfinished download (never counted as present), locked
+                               (flock) by whoever is writing that digest
+    ingest/sha256-<hex>.segments  only during a parallel-range download: how far its data
+                               was verified when the ranges began
     index.json.lock            serialises index.json updates between processes
     gc.lock, pulls.lock        keep ``puller gc`` and pulls apart (see :meth:`ContentStore.pin`)
 
@@ -44,6 +46,7 @@ from .fsutil import (WRITEBACK_STEP, fsync_dir, start_writeback, thread_buffer, 
 __all__ = ["ContentStore", "BlobWriter", "StoreBusy", "default_store_path"]
 
 GC_LOCK = "gc.lock"
+SEGMENTS_SUFFIX = ".segments"  # ingest/<algorithm>-<hex>.segments: see BlobWriter.begin_segments
 PULLS_LOCK = "pulls.lock"
 
 
@@ -80,30 +83,73 @@ def _real_dir(path: Path) -> None:
 
 
 
+def clear_legacy_partial(directory: Path) -> int | None:
+    """Remove an ingest entry in the layout older versions of puller wrote
+    (``ingest/<algorithm>-<hex>/{data,lock,segments}``) unless a process holds its lock;
+    returns the bytes freed, or None when it is busy or not something puller made. Links in
+    it are removed, never followed."""
+    lock = directory / "lock"
+    fd = -1
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError as exc:
+        if fd >= 0:
+            os.close(fd)
+            fd = -1
+        if exc.errno not in (errno.ENOENT, errno.ELOOP):
+            return None
+    try:
+        names = os.listdir(directory)
+        size = 0
+        for name in names:
+            st = os.lstat(directory / name)
+            if stat.S_ISDIR(st.st_mode):
+                return None  # not something puller made: leave the directory alone
+            size += st.st_size if stat.S_ISREG(st.st_mode) else 0
+        for name in names:
+            if name != "lock":
+                os.unlink(directory / name)
+        if "lock" in names:
+            os.unlink(lock)  # last: a writer that opened it meanwhile sees it gone
+        os.rmdir(directory)
+        return size
+    except FileNotFoundError:
+        return 0
+    except OSError:
+        return None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
 class BlobWriter:
     """Writes one blob into ``ingest/`` and commits it only when size and digest match.
 
-    Holds an exclusive ``flock`` on the ingest entry for its lifetime, so one process at a
-    time writes a digest. Not thread-safe: one caller drives it, possibly from a worker
-    thread. ``offset`` is the number of bytes already written and hashed (resumed data
-    included).
+    The partial file is its own lock: the writer holds an exclusive ``flock`` on it for its
+    lifetime, so one process at a time writes a digest, and commits by renaming that very
+    file into ``blobs/``. One inode per blob (an ingest directory with a lock file and a
+    data file was three, and creating and deleting inodes was a tenth of a small-blob
+    pull's CPU). Not thread-safe: one caller drives it, possibly from a worker thread.
+    ``offset`` is the number of bytes already written and hashed (resumed data included).
     """
 
-    def __init__(self, store: ContentStore, digest: Digest, size: int, lock_fd: int,
-                 directory: Path) -> None:
+    def __init__(self, store: ContentStore, digest: Digest, size: int, fd: int,
+                 path: Path) -> None:
         self._store = store
         self.digest = digest
         self.size = size
-        self._lock_fd = lock_fd
-        self._dir = directory
-        self._data_path = directory / "data"
+        self._fd = fd  # opened, flocked and checked by ContentStore.ingest
+        self._path = path
+        self._mark = path.with_name(path.name + SEGMENTS_SUFFIX)
         self._hasher = digest.hasher()
-        self._fd = -1
         self.offset = 0
         self._unflushed = 0  # bytes written since the kernel was last asked to write back
         self.committed = False
         try:
-            self._fd = os.open(self._data_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             if not stat.S_ISREG(os.fstat(self._fd).st_mode):
                 raise StoreError(f"partial download of {digest} is not a regular file")
             self._resume()
@@ -181,7 +227,7 @@ class BlobWriter:
 
     def _read_segments_mark(self) -> int | None:
         try:
-            fd = os.open(self._dir / "segments", os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(self._mark, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
             return None
         try:
@@ -195,7 +241,7 @@ class BlobWriter:
 
     def _clear_segments_mark(self) -> None:
         try:
-            os.unlink(self._dir / "segments")
+            os.unlink(self._mark)
         except FileNotFoundError:
             pass
 
@@ -203,7 +249,7 @@ class BlobWriter:
         """Note, before later ranges are written ahead of the hashed prefix, how far the
         data is verified; a crash from here on resumes from that point."""
         try:
-            fd = os.open(self._dir / "segments", os.O_WRONLY | os.O_CREAT | os.O_TRUNC |
+            fd = os.open(self._mark, os.O_WRONLY | os.O_CREAT | os.O_TRUNC |
                          os.O_NOFOLLOW, 0o644)
             try:
                 os.write(fd, str(self.offset).encode())
@@ -266,18 +312,18 @@ class BlobWriter:
         target = self._store.blob_path(self.digest)
         try:
             os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
-            target.parent.mkdir(parents=True, exist_ok=True)
-            _real_dir(target.parent)
-            os.replace(self._data_path, target)
+            self._store._blob_dir(target.parent)
+            # Renamed while still locked: whoever waits for the lock then finds the
+            # ingest name gone (or new) and looks again.
+            os.replace(self._path, target)
         except OSError as exc:
             raise _store_error(exc, f"committing blob {self.digest}") from exc
         # The rename is made durable by one directory fsync before anything names the
         # blob (ContentStore.sync, called by update_index), not one per blob.
         self._store._unsynced_dirs.add(target.parent)
         self.committed = True
-        self._remove_dir()
+        self._clear_segments_mark()
+        self.close()
 
     def finish(self, tail: list[bytes]) -> bool:
         """Write the last chunks and, if that completes the blob, commit and close: the
@@ -292,7 +338,7 @@ class BlobWriter:
 
     @property
     def closed(self) -> bool:
-        return self._fd < 0 and self._lock_fd < 0
+        return self._fd < 0
 
     def _discard(self) -> None:
         try:
@@ -302,32 +348,23 @@ class BlobWriter:
         self.offset = 0
         self._hasher = self.digest.hasher()
 
-    def _remove_dir(self) -> None:
-        for name in ("data", "segments", "lock"):
-            try:
-                os.unlink(self._dir / name)
-            except OSError:
-                pass
-        try:
-            os.rmdir(self._dir)
-        except OSError:
-            pass
-
     def close(self) -> None:
-        """Release the file and the lock; uncommitted data stays for a later resume."""
-        if self._fd >= 0:
+        """Release the file and its lock; uncommitted data stays for a later resume (an
+        empty partial is removed: there is nothing to resume)."""
+        if self._fd < 0:
+            return
+        if not self.committed:
             try:
                 # Only the hashed prefix is worth resuming from; drop unhashed segments.
-                if not self.committed and os.fstat(self._fd).st_size > self.offset:
+                if os.fstat(self._fd).st_size > self.offset:
                     os.ftruncate(self._fd, self.offset)
                 self._clear_segments_mark()
+                if self.offset == 0:  # still locked: a waiter finds the name gone
+                    os.unlink(self._path)
             except OSError:
                 pass
-            os.close(self._fd)
-            self._fd = -1
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)  # closing drops the flock
-            self._lock_fd = -1
+        os.close(self._fd)  # closing drops the flock
+        self._fd = -1
 
     def __enter__(self) -> BlobWriter:
         return self
@@ -345,6 +382,7 @@ class ContentStore:
         self._ingest = self.root / "ingest"
         self._index = self.root / "index.json"
         self._unsynced_dirs: set[Path] = set()  # see BlobWriter.commit and sync()
+        self._blob_dirs: set[Path] = set()  # checked by _blob_dir
 
     # -- setup -------------------------------------------------------------------------
 
@@ -411,51 +449,69 @@ class ContentStore:
         False, then returns None). Callers should check :meth:`has` again after this
         returns: the other process may have committed the blob meanwhile.
         """
-        directory = self._ingest / f"{digest.algorithm}-{digest.hex}"
-        for attempt in range(100):
+        path = self.partial_path(digest)
+        for _ in range(100):
             try:
-                directory.mkdir(parents=True, exist_ok=True)
-                _real_dir(directory)
-                lock_fd = os.open(directory / "lock",
-                                  os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-                break
-            except FileNotFoundError as exc:
-                # A writer that just committed removed the entry between our mkdir and
-                # open: make it again.
-                if attempt == 99:
-                    raise _store_error(exc, f"preparing download of {digest}") from exc
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except IsADirectoryError:  # a partial in the layout of older versions
+                if clear_legacy_partial(path) is None:
+                    raise StoreError(f"{path} is in use by an older puller, or is not "
+                                     "puller's: remove it, or run `puller gc` when it is idle")
+                continue
+            except FileNotFoundError as exc:  # ingest/ itself is gone: make the layout again
+                try:
+                    self._ingest.mkdir(parents=True, exist_ok=True)
+                    _real_dir(self._ingest)
+                except OSError as exc2:
+                    raise _store_error(exc2, f"preparing download of {digest}") from exc
+                continue
             except OSError as exc:
                 raise _store_error(exc, f"preparing download of {digest}") from exc
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            os.close(lock_fd)
-            return None
-        except BaseException:
-            os.close(lock_fd)
-            raise
-        # The holder before us may have committed and removed the entry while we waited;
-        # our lock is then on an unlinked file and means nothing: start again.
-        try:
-            current = os.lstat(directory / "lock")
-            mine = os.fstat(lock_fd)
-            stale = (current.st_ino, current.st_dev) != (mine.st_ino, mine.st_dev)
-        except FileNotFoundError:
-            stale = True
-        except OSError as exc:
-            os.close(lock_fd)
-            raise _store_error(exc, f"preparing download of {digest}") from exc
-        if stale:
-            os.close(lock_fd)
-            return self.ingest(digest, size, wait=wait)
-        return BlobWriter(self, digest, size, lock_fd, directory)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            except BaseException:
+                os.close(fd)
+                raise
+            # The holder before us may have committed (renamed the file into blobs/) or
+            # given up on it (unlinked it) while we waited; our lock is then on a file that
+            # is no longer the partial and means nothing: start again.
+            try:
+                current = os.lstat(path)
+                mine = os.fstat(fd)
+                stale = (current.st_ino, current.st_dev) != (mine.st_ino, mine.st_dev)
+            except FileNotFoundError:
+                stale = True
+            except OSError as exc:
+                os.close(fd)
+                raise _store_error(exc, f"preparing download of {digest}") from exc
+            if not stale:
+                return BlobWriter(self, digest, size, fd, path)
+            os.close(fd)
+        raise StoreError(f"could not take the download lock of {digest}: its partial file "
+                         "keeps changing")
+
+    def partial_path(self, digest: Digest) -> Path:
+        """Where an unfinished download of ``digest`` lives (and is locked)."""
+        return self._ingest / f"{digest.algorithm}-{digest.hex}"
 
     def partial_size(self, digest: Digest) -> int:
         """Bytes of an unfinished download of ``digest`` left in ``ingest/`` (0 if none)."""
         try:
-            return os.lstat(self._ingest / f"{digest.algorithm}-{digest.hex}" / "data").st_size
+            st = os.lstat(self.partial_path(digest))
         except OSError:
             return 0
+        return st.st_size if stat.S_ISREG(st.st_mode) else 0
+
+    def _blob_dir(self, directory: Path) -> None:
+        """Make sure ``blobs/<algorithm>`` is there and a real directory (once per store)."""
+        if directory in self._blob_dirs:
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        _real_dir(directory)
+        self._blob_dirs.add(directory)
 
     def put(self, digest: Digest, data: bytes) -> None:
         """Store small content (manifests) through the same verified writer."""

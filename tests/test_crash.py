@@ -50,9 +50,8 @@ def partials(store: Path) -> dict[str, int]:
     """digest -> bytes of its unfinished download in ingest/."""
     out = {}
     for d in (store / "ingest").iterdir() if (store / "ingest").exists() else ():
-        data = d / "data"
-        if data.exists():
-            out["sha256:" + d.name.split("-", 1)[1]] = data.stat().st_size
+        if d.name.startswith("sha256-") and "." not in d.name:
+            out["sha256:" + d.name.split("-", 1)[1]] = d.stat().st_size
     return out
 
 

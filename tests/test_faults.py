@@ -347,7 +347,7 @@ def test_blob_size_must_match_the_descriptor(delta, registry, rewriter, unique_r
     assert ("more than the expected" if delta < 0 else "the manifest says") in line, line
     assert len(rewriter.requests(rf"/blobs/{layer}$")) == 2
     assert not blob(store_dir, layer).exists()
-    partial = store_dir / "ingest" / f"sha256-{layer.split(':')[1]}" / "data"
+    partial = store_dir / "ingest" / f"sha256-{layer.split(':')[1]}"
     assert not partial.exists() or partial.stat().st_size == 0  # wrong bytes not kept
     assert fsck(store_dir).ok
 

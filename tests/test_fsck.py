@@ -91,8 +91,7 @@ async def test_corruption_is_found_and_repaired(pulled, tmp_path):
     os.symlink(outside, blob(store, sha(b"secret")))  # a link named after its target's digest
     # A partial download nobody holds: reported, not a problem.
     partial = store / "ingest" / f"sha256-{'a' * 64}"
-    partial.mkdir()
-    (partial / "data").write_bytes(b"x" * 100)
+    partial.write_bytes(b"x" * 100)
 
     r = cli("fsck", "--store", str(store))
     assert r.returncode == 1 and "Traceback" not in r.stderr
@@ -173,10 +172,15 @@ async def test_gc_removes_what_no_entry_reaches(registry, unique_repo, store_dir
 
     s = ContentStore(store_dir)
     stale = store_dir / "ingest" / f"sha256-{'b' * 64}"
-    stale.mkdir()
-    (stale / "data").write_bytes(b"y" * 1000)
+    stale.write_bytes(b"y" * 1000)
+    (store_dir / "ingest" / f"sha256-{'b' * 64}.segments").write_bytes(b"0")
+    legacy = store_dir / "ingest" / f"sha256-{'c' * 64}"  # older versions' layout
+    legacy.mkdir()
+    (legacy / "data").write_bytes(b"z" * 500)
+    (legacy / "lock").write_bytes(b"")
     held = s.ingest(Digest.from_bytes(b"being written"), 13)  # someone is writing this one
     assert held is not None
+    held.write(b"being")
     (store_dir / ".index.json.tmp-1-2").write_bytes(b"{")  # a crash mid index update
     garbage = {old.digest, old.config_digest, old.layer_digests[-1]}
     garbage_bytes = len(old.manifest) + len(old.config) + len(old.layers[-1])
@@ -190,13 +194,16 @@ async def test_gc_removes_what_no_entry_reaches(registry, unique_repo, store_dir
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["blob_bytes"] == garbage_bytes and len(doc["blobs_removed"]) == 3
-    assert doc["ingest_removed"] == [f"ingest/sha256-{'b' * 64}"] and doc["ingest_bytes"] == 1000
+    assert sorted(doc["ingest_removed"]) == [f"ingest/sha256-{'b' * 64}",
+                                             f"ingest/sha256-{'c' * 64}"]
+    assert doc["ingest_bytes"] == 1500 and not legacy.exists()
+    assert not (store_dir / "ingest" / f"sha256-{'b' * 64}.segments").exists()
     assert doc["ingest_busy"] == 1 and doc["other_removed"] == [".index.json.tmp-1-2"]
-    assert doc["bytes_freed"] == garbage_bytes + 1000
+    assert doc["bytes_freed"] == garbage_bytes + 1500
     assert not any(blob(store_dir, d).exists() for d in garbage)
     for d in new.blobs():
         assert blob(store_dir, d).exists()  # shared base layer kept
-    assert held.offset == 0 and (store_dir / "ingest" / f"sha256-{held.digest.hex}").exists()
+    assert held.offset == 5 and (store_dir / "ingest" / f"sha256-{held.digest.hex}").exists()
     held.close()
     assert fsck(store_dir).ok
     assert_store_valid(store_dir)
@@ -298,10 +305,12 @@ async def test_planted_ingest_links_are_not_followed(pulled, tmp_path):
     victim.write_bytes(b"do not touch")
     layer = img.layer_digests[0]
     entry = store / "ingest" / f"sha256-{layer.split(':')[1]}"
-    entry.mkdir()
-    os.symlink(victim, entry / "data")  # a link where a partial download would be
+    os.symlink(victim, entry)  # a link where a partial download would be
     config = store / "ingest" / f"sha256-{img.config_digest.split(':')[1]}"
-    os.symlink(tmp_path, config)  # a whole ingest entry pointing outside
+    os.symlink(tmp_path, config)  # one pointing at a directory outside
+    old = store / "ingest" / f"sha256-{img.layer_digests[-1].split(':')[1]}"
+    old.mkdir()  # the layout of older versions, with a link where its data would be
+    os.symlink(victim, old / "data")
     with pytest.raises(StoreError):
         await go()
     assert victim.read_bytes() == b"do not touch"

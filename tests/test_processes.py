@@ -53,7 +53,7 @@ def test_sigint_and_sigterm_keep_partial_downloads_for_the_next_run(registry, pr
     push(registry.url, unique_repo, "s", img)
     layer = "sha256:" + hashlib.sha256(img.layers[0]).hexdigest()
     ref = f"{proxy.host}/{unique_repo}:s"
-    partial = store_dir / "ingest" / f"sha256-{layer.split(':')[1]}" / "data"
+    partial = store_dir / "ingest" / f"sha256-{layer.split(':')[1]}"
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         proxy.clear_rules()
@@ -109,7 +109,7 @@ def test_kill_9_during_parallel_ranges_resumes_from_verified_bytes(registry, pro
     p.communicate(timeout=30)
     assert_store_valid(store_dir)
     entry = store_dir / "ingest" / f"sha256-{layer.split(':')[1]}"
-    assert (entry / "segments").exists()  # the verified prefix was written down
+    assert entry.with_name(entry.name + ".segments").exists()  # the verified prefix, noted
 
     proxy.clear_rules()
     proxy.clear_log()
@@ -118,7 +118,7 @@ def test_kill_9_during_parallel_ranges_resumes_from_verified_bytes(registry, pro
     assert done.returncode == 0, err
     (req,) = proxy.blob_requests(layer)  # one request, no digest-mismatch re-fetch
     assert (store_dir / "blobs" / "sha256" / layer.split(":")[1]).read_bytes() == img.layers[0]
-    assert not entry.exists()
+    assert not entry.exists() and not entry.with_name(entry.name + ".segments").exists()
     assert_store_valid(store_dir)
 
 

@@ -230,7 +230,7 @@ async def test_interrupted_run_resumes_in_next_run(registry, proxy, unique_repo,
     proxy.cut_blob(after_bytes=1_200_000, digest=big)
     with pytest.raises(PullerError):
         await pull(store_dir, ref, client_options=ClientOptions(retries=0))
-    partial = store_dir / "ingest" / f"sha256-{big.split(':')[1]}" / "data"
+    partial = store_dir / "ingest" / f"sha256-{big.split(':')[1]}"
     assert partial.stat().st_size > 0
     assert big not in blob_files(store_dir)
     assert_store_valid(store_dir)
