@@ -35,9 +35,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from tests.support.images import build_image, push  # noqa: E402
 from tests.support.registry import Registry  # noqa: E402
+from run import tool_python  # noqa: E402  (puller as installed: see run.tool_python)
 
 REPOS, TAGS = 20, 2
 
@@ -67,7 +69,7 @@ def timed(cmd: list[str]) -> float:
 
 
 def puller_run(repos: list[str], dst: Registry) -> float:
-    return timed([sys.executable, "-m", "puller", "mirror", "-q", "--target", f"{dst.host}/p",
+    return timed([tool_python(), "-m", "puller", "mirror", "-q", "--target", f"{dst.host}/p",
                   *repos])
 
 

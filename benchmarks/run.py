@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -48,6 +49,7 @@ KiB = 1 << 10
 PY = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() \
     else sys.executable
 DXF_PY = WORK / "dxf-venv" / "bin" / "python"
+RUN_VENV = WORK / "run-venv"
 RUN_TIMEOUT = 600.0  # seconds, per run (all of a run's commands); the child tree is killed after
 # Python tools get bytecode caching as an installed package would have it (this environment
 # may set PYTHONDONTWRITEBYTECODE, which would make every run compile puller from source); the
@@ -56,6 +58,34 @@ TOOL_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE
 TOOL_ENV["PYTHONPYCACHEPREFIX"] = str(WORK / "pycache")
 ALL_SCENARIOS = ["large", "small", "shared", "warm", "huge", "sweep", "wan", "wan1"]
 SWEEP = [1, 2, 4, 8, 16, 32]
+
+
+@functools.cache
+def tool_python() -> str:
+    """The interpreter puller and the floor run under: puller as a user's installation
+    imports it, without the development install's import hook.
+
+    ``.venv`` holds puller as an editable install, whose ``.pth`` file imports a finder
+    module at every interpreter start (about 17 ms here: a quarter of puller's start-up,
+    paid by nothing a user runs). ``benchmarks/.work/run-venv`` is a bare venv of the same
+    Python whose one ``.pth`` file only lists directories -- this checkout and ``.venv``'s
+    site-packages (puller's dependencies) -- the way a plain ``pip install`` puts packages
+    on ``sys.path``. Falls back to ``.venv``'s python where the venv can't be made."""
+    py = RUN_VENV / "bin" / "python"
+    try:
+        if not py.exists():
+            subprocess.run([PY, "-m", "venv", "--without-pip", str(RUN_VENV)], check=True,
+                           capture_output=True, timeout=120)
+        site = subprocess.run([PY, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              check=True, capture_output=True, text=True).stdout.strip()
+        own = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+        Path(own, "puller-checkout.pth").write_text(f"{ROOT}\n{site}\n")
+        subprocess.run([str(py), "-c", "import puller.cli, tqdm, uvloop"], check=True,
+                       capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return PY
+    return str(py)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -195,7 +225,7 @@ def _check_pinned(ctx: Ctx, out: str) -> str | None:
 
 
 def puller_cmds(ctx: Ctx, dest: Path) -> list[list[str]]:
-    argv = [PY, "-m", "puller", "pull", "--store", str(dest), "-q"]
+    argv = [tool_python(), "-m", "puller", "pull", "--store", str(dest), "-q"]
     if ctx.concurrency:
         argv += ["-c", str(ctx.concurrency)]
     return [argv + [ctx.ref(i) for i in ctx.images]]
@@ -251,7 +281,8 @@ def sync_verify(ctx: Ctx, dest: Path, m: Measured, mode: str) -> str | None:
 
 
 def floor_cmds(ctx: Ctx, dest: Path) -> list[list[str]]:
-    return [[PY, str(BENCH / "floor.py"), "--dest", str(dest)] + [ctx.ref(i) for i in ctx.images]]
+    return [[tool_python(), str(BENCH / "floor.py"), "--dest", str(dest)] +
+            [ctx.ref(i) for i in ctx.images]]
 
 
 def dxf_cmds(ctx: Ctx, dest: Path) -> list[list[str]]:

@@ -17,7 +17,6 @@ import asyncio
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Iterable
 
 from . import mediatypes
@@ -28,6 +27,7 @@ from .events import BlobDone, BlobQueued, Event, Listener, ManifestResolved, Pul
     PullFailed, PullStarted
 from .manifest import MAX_MANIFEST_SIZE, Descriptor, ImageIndex, ImageManifest, parse_manifest
 from .platform import Platform, select
+from .record import Record
 from .reference import Reference
 from .scheduler import BlobScheduler
 from .store import ContentStore, default_store_path
@@ -37,8 +37,7 @@ __all__ = ["Puller", "PullOptions", "PullResult", "ImageResult"]
 _GC_POLL = 0.1  # seconds between looks at a store that a gc holds
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PullOptions:
+class PullOptions(Record, kw_only=True):
     """What to pull. Frozen and validated."""
 
     platform: Platform | None = None  # None: the host's platform
@@ -62,8 +61,7 @@ class PullOptions:
             raise TypeError("platform must be a puller.Platform (use Platform.parse)")
 
 
-@dataclass(frozen=True, slots=True)
-class ImageResult:
+class ImageResult(Record):
     """One platform image of a pull."""
 
     manifest_digest: str
@@ -74,8 +72,7 @@ class ImageResult:
     size: int  # config + layers, bytes
 
 
-@dataclass(frozen=True, slots=True)
-class PullResult:
+class PullResult(Record):
     reference: str  # normalised, as named in the store's index.json
     name: str  # registry/repository
     digest: str  # what the reference resolved to (index or manifest)

@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass, field
 from typing import Any
+
+from .record import Record
 
 __all__ = ["Challenge", "parse_challenges", "Token", "parse_token_response", "pull_scope"]
 
@@ -29,10 +30,9 @@ _DEFAULT_EXPIRY = 60.0
 _EARLY = 10.0
 
 
-@dataclass(frozen=True, slots=True)
-class Challenge:
+class Challenge(Record):
     scheme: str  # lower case: "bearer" or "basic"
-    params: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = {}  # (copied for each record)
 
     @property
     def realm(self) -> str | None:
@@ -70,8 +70,7 @@ def pull_scope(repository: str, actions: str = "pull") -> str:
     return f"repository:{repository}:{actions}"
 
 
-@dataclass(slots=True)
-class Token:
+class Token(Record, frozen=False):
     value: str
     expires_at: float  # time.monotonic() deadline
 

@@ -487,13 +487,11 @@ def _already_current(refs: list[Any], args: argparse.Namespace, platform: Any,
         return None
 
     import asyncio
-    import dataclasses
-
     from .api import Puller, PullOptions
 
     options = PullOptions(platform=platform, all_platforms=args.all_platforms,
                           concurrency=args.concurrency, include_foreign=args.include_foreign)
-    quick = dataclasses.replace(client_options, retries=0)
+    quick = client_options.replace(retries=0)
     # In a thread, so Ctrl-C (which cancels the task) can abort a request that stalls.
     transport = ThreadedTransport(timeout=min(quick.connect_timeout, quick.stall_timeout),
                                   add_hosts=dict(quick.add_hosts), user_agent=quick.user_agent)

@@ -23,7 +23,6 @@ import ssl
 import re
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, NamedTuple, TypeVar
 from urllib.parse import urlencode, urljoin, urlsplit
 
@@ -46,6 +45,7 @@ from .errors import (
 )
 from .manifest import MAX_MANIFEST_SIZE
 from .mediatypes import ACCEPT
+from .record import Record
 from .reference import Reference
 from .tls import is_loopback_host, make_ssl_context
 from .transport import Transport, proxy_configured
@@ -61,8 +61,7 @@ _ERROR_BODY_LIMIT = 64 * 1024
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ClientOptions:
+class ClientOptions(Record, kw_only=True):
     """Network settings. Frozen and validated; pass a new one to change anything."""
 
     max_connections: int = 64  # across all registries
@@ -108,28 +107,24 @@ def retry_delay(options: ClientOptions, attempt: int, error: BaseException | Non
     return random.uniform(cap / 2, cap)
 
 
-@dataclass(frozen=True, slots=True)
-class FetchedManifest:
+class FetchedManifest(Record):
     data: bytes  # exactly as the registry sent them
     media_type: str | None  # the Content-Type header, parameters stripped
     digest: Digest  # of ``data``, verified against what was asked for
 
 
-@dataclass(slots=True)
-class BlobStream:
+class BlobStream(Record, frozen=False):
     """An open blob response. ``start`` is the offset of its first byte: the requested
     offset for a ``206``, or 0 when the server ignored the Range and sent everything."""
 
     response: Any
     start: int
-    content: Any = field(init=False)  # await readany() / read(n)
 
     def __post_init__(self) -> None:
-        self.content = self.response.content
+        self.content: Any = self.response.content  # await readany() / read(n)
 
 
-@dataclass(frozen=True, slots=True)
-class BlobRequest:
+class BlobRequest(Record):
     url: str
     headers: dict[str, str]  # includes the registry's Authorization: same origin only
     ssl_for: Callable[[str], ssl.SSLContext]

@@ -20,12 +20,12 @@ import base64
 import json
 import os
 import subprocess
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import PullerError
 from .fsutil import write_atomic
+from .record import Record
 
 __all__ = [
     "Credentials",
@@ -45,11 +45,10 @@ class CredentialError(PullerError):
     """Credentials could not be read or stored (a broken config.json, a failing helper)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Credentials:
+class Credentials(Record, hidden=("password", "identity_token")):
     username: str = ""
-    password: str = field(default="", repr=False)
-    identity_token: str = field(default="", repr=False)  # OAuth refresh token
+    password: str = ""
+    identity_token: str = ""  # OAuth refresh token
 
     def basic(self) -> str:
         raw = f"{self.username}:{self.password}".encode()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from puller.errors import InvalidDigest
+from puller.record import Record
 
 if TYPE_CHECKING:
     from hashlib import _Hash
@@ -35,8 +35,7 @@ def _preview(value: object, limit: int = 100) -> str:
     return text
 
 
-@dataclass(frozen=True, slots=True)
-class Digest:
+class Digest(Record):
     """A validated digest; ``hex`` is always safe to use as a file name."""
 
     algorithm: str

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from puller import mediatypes as mt
@@ -23,6 +22,7 @@ from puller.errors import (
 )
 from puller.platform import Platform, is_unknown
 from puller.platform import select as _select
+from puller.record import Record
 
 __all__ = [
     "MAX_MANIFEST_SIZE", "MAX_ENTRIES", "MAX_SIZE", "Annotations", "Descriptor",
@@ -100,8 +100,7 @@ def _frozen_annotations(value: Mapping[str, str] | None) -> Annotations | None:
     return Annotations(value)
 
 
-@dataclass(frozen=True, slots=True)
-class Descriptor:
+class Descriptor(Record):
     """An OCI content descriptor: what a blob or manifest is, and how to verify it."""
 
     media_type: str
@@ -178,8 +177,7 @@ def is_attestation(d: Descriptor) -> bool:
     return d.platform is not None and is_unknown(d.platform)
 
 
-@dataclass(frozen=True, slots=True)
-class ImageManifest:
+class ImageManifest(Record):
     """An OCI image manifest or Docker schema2 manifest."""
 
     media_type: str
@@ -194,8 +192,7 @@ class ImageManifest:
         object.__setattr__(self, "layers", tuple(self.layers))
 
 
-@dataclass(frozen=True, slots=True)
-class ImageIndex:
+class ImageIndex(Record):
     """An OCI image index or Docker manifest list."""
 
     media_type: str

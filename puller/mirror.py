@@ -17,7 +17,7 @@ import hashlib
 import json
 import re
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import InvalidReference, PullerError
@@ -225,14 +225,14 @@ def plan_target(source: Reference, target: tuple[str, str], override: str | None
     """Where ``source`` goes: ``HOST/PREFIX/<source repository path>`` or the override."""
     if override:
         base = Reference.parse(override)
-        return replace(base, tag=source.tag, digest=source.digest)
+        return base.replace(tag=source.tag, digest=source.digest)
     host, prefix = target
     path = f"{prefix}/{source.repository}" if prefix else source.repository
     try:
         checked = Reference.parse(f"{host}/{path}")
     except InvalidReference as exc:
         raise ConfigError(f"target for {source.name}: {exc}") from None
-    return replace(checked, tag=source.tag, digest=source.digest)
+    return checked.replace(tag=source.tag, digest=source.digest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -529,13 +529,13 @@ async def run_mirror(client: Any, transfer: Any, sources: list[MirrorSource],
         try:
             tags = await client.list_tags(s.ref)
         except PullerError as exc:
-            j = Job(s.ref, dest(replace(s.ref, tag=None, digest=None), s), s.platforms)
+            j = Job(s.ref, dest(s.ref.replace(tag=None, digest=None), s), s.platforms)
             j.status, j.error = "failed", str(exc)
             failed_listing.append(j)
             return []
         out = []
         for t in filter_tags(tags, s.tags):
-            ref = replace(s.ref, tag=t, digest=None)
+            ref = s.ref.replace(tag=t, digest=None)
             out.append(Job(ref, dest(ref, s), s.platforms))
         return out
 

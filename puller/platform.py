@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from puller.digest import _preview
 from puller.errors import InvalidPlatform, NoMatchingPlatform
+from puller.record import Record
 
 __all__ = ["Platform", "normalize_arch", "normalize_os", "candidates", "select", "is_unknown"]
 
@@ -80,8 +80,7 @@ def _check(value: object, what: str, pattern: re.Pattern[str] = _COMPONENT) -> s
     return value
 
 
-@dataclass(frozen=True, slots=True)
-class Platform:
+class Platform(Record):
     """An OS/architecture/variant triple, always stored normalised when built by this module."""
 
     os: str

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, replace
 
 from puller.digest import Digest, _preview
 from puller.errors import InvalidDigest, InvalidReference
+from puller.record import Record
 
 __all__ = ["DEFAULT_REGISTRY", "DOCKER_HUB_API_HOST", "Reference"]
 
@@ -38,8 +38,7 @@ def _bad(s: str, problem: str) -> InvalidReference:
     return InvalidReference(f"invalid reference {_preview(s)}: {problem}")
 
 
-@dataclass(frozen=True, slots=True)
-class Reference:
+class Reference(Record):
     """A normalised image reference such as ``docker.io/library/alpine:latest``."""
 
     registry: str
@@ -135,7 +134,7 @@ class Reference:
 
     def with_digest(self, d: Digest) -> Reference:
         """The same name and tag pinned to ``d``."""
-        return replace(self, digest=d)
+        return self.replace(digest=d)
 
     def familiar(self) -> str:
         """Docker's short form for output: ``alpine:latest``, ``user/app:1``."""

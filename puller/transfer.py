@@ -376,13 +376,12 @@ async def _store_top(store: Any, entry: dict[str, Any], provider: Any, platform:
 # -- copy --------------------------------------------------------------------------------------
 
 def _target_of(src: Any, raw_target: str) -> Any:
-    from dataclasses import replace
 
     from .mirror import parse_source
 
     dst, named = parse_source(raw_target)
     if not named:
-        dst = replace(dst, tag=src.tag, digest=None if src.tag else src.digest)
+        dst = dst.replace(tag=src.tag, digest=None if src.tag else src.digest)
     return dst
 
 
