@@ -287,7 +287,9 @@ def _receive(resp: http.client.HTTPResponse, conn: http.client.HTTPConnection,
         if remaining is not None:
             remaining -= n
         writer.write(view[:n])  # refuses bytes beyond the descriptor's size
-        if writer.offset - reported >= _REPORT_EVERY:  # not one loop wake-up per recv
+        if writer.offset - reported >= _REPORT_EVERY and writer.offset < writer.size:
+            # Not one loop wake-up per recv, and none for the last bytes: the caller
+            # reports completion itself.
             reported = writer.offset
             progress(reported)
     if remaining == 0 and writer.offset < writer.size:
