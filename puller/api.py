@@ -129,7 +129,8 @@ class Puller:
             raise
         self._scheduler = BlobScheduler(self._client, self.store,
                                         concurrency=self.options.concurrency,
-                                        executor=self._executor, emit=self._emit,
+                                        executor=self._executor,
+                                        emit=self._emit if self._listener else None,
                                         segments=self.options.segments,
                                         segment_min=self.options.segment_min)
         return self
@@ -356,8 +357,9 @@ class Puller:
             if prior is not None and prior[0].size != b.size:
                 raise ManifestError(f"{ref}: blob {b.digest} is listed with two sizes")
             unique.setdefault(b.digest, (b, role))
-        for b, role in unique.values():
-            self._emit(BlobQueued(ref=name, digest=str(b.digest), size=b.size, role=role))
+        if self._listener is not None:
+            for b, role in unique.values():
+                self._emit(BlobQueued(ref=name, digest=str(b.digest), size=b.size, role=role))
         results = await _gather_all(*(self._fetch(ref, name, b) for b, _ in unique.values()))
 
         fetched_count = sum(1 for status, _ in results if status == "downloaded")
@@ -391,8 +393,9 @@ class Puller:
     async def _fetch(self, ref: Reference, name: str, desc: Descriptor) -> tuple[str, int]:
         assert self._scheduler is not None
         status, n = await self._scheduler.fetch(ref, desc, image=name)
-        self._emit(BlobDone(ref=name, digest=str(desc.digest), size=desc.size, status=status,
-                            bytes_fetched=n))
+        if self._listener is not None:
+            self._emit(BlobDone(ref=name, digest=str(desc.digest), size=desc.size,
+                                status=status, bytes_fetched=n))
         return status, n
 
 

@@ -257,7 +257,8 @@ def _pull_command(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signal.SIGTERM, task.cancel)
         try:
             async with Puller(store=args.store, options=options, client_options=client_options,
-                              on_event=view.event, transport=command_transport(client_options)
+                              on_event=view.event if view.listens else None,
+                              transport=command_transport(client_options)
                               ) as puller:
                 results = await puller.pull_many(refs, fail_fast=args.fail_fast)
         except PullerError as exc:  # the store itself could not be opened
@@ -531,6 +532,8 @@ def _done(ref: Any, result: Any) -> Any:
 
 
 class _View:
+    listens = False  # True where event() does something: else the engine builds none
+
     def event(self, ev: Any) -> None:
         pass
 
@@ -556,6 +559,8 @@ class _QuietView(_View):
 
 
 class _JsonView(_View):
+    listens = True
+
     def event(self, ev: Any) -> None:
         _json_line(sys.stdout, ev.to_json())
 
@@ -566,6 +571,8 @@ class _JsonView(_View):
 
 class _TextView(_View):
     """docker pull's output: a header per image, a line per layer, digest and status."""
+
+    listens = True
 
     def __init__(self, refs: Sequence[Any], *, bars: bool) -> None:
         self._refs = {str(r): r for r in refs}

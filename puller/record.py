@@ -18,7 +18,8 @@ fields changed, validated again.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import operator
+from typing import Any, Callable, ClassVar
 
 __all__ = ["Record"]
 
@@ -32,6 +33,7 @@ class Record:
     _frozen: ClassVar[bool] = True
     _kw_only: ClassVar[bool] = False
     _hidden: ClassVar[frozenset[str]] = frozenset()
+    _getter: ClassVar[Callable[[Any], tuple[Any, ...]]]
 
     def __init_subclass__(cls, *, frozen: bool | None = None, kw_only: bool | None = None,
                           hidden: tuple[str, ...] = (), **kwargs: Any) -> None:
@@ -52,6 +54,14 @@ class Record:
         if kw_only is not None:
             cls._kw_only = kw_only
         cls._hidden = cls._hidden | frozenset(hidden)
+        # All of a record's field values as one tuple, in C (records are dict keys on
+        # the hot path: digests, references).
+        if len(cls._fields) > 1:
+            cls._getter = operator.attrgetter(*cls._fields)
+        else:
+            names = cls._fields
+            cls._getter = staticmethod(  # type: ignore[assignment]
+                lambda r: tuple(getattr(r, n) for n in names))
         if not cls._frozen and "__hash__" not in cls.__dict__:
             cls.__hash__ = None  # type: ignore[assignment]  # mutable: unhashable
 
@@ -95,7 +105,7 @@ class Record:
         object.__delattr__(self, name)
 
     def _values(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, n) for n in self._fields)
+        return self._getter(self)  # type: ignore[no-any-return]
 
     def __eq__(self, other: object) -> bool:
         if other.__class__ is not self.__class__:

@@ -39,7 +39,7 @@ _LOCK_POLL = 0.25  # seconds between looks at a digest another process is writin
 
 class BlobScheduler:
     def __init__(self, client: RegistryClient, store: ContentStore, *, concurrency: int,
-                 executor: Executor, emit: Callable[[Event], None],
+                 executor: Executor, emit: Callable[[Event], None] | None,
                  options: ClientOptions | None = None, segments: int = 4,
                  segment_min: int = 16 << 20, threaded: bool = True) -> None:
         if concurrency < 1:
@@ -111,6 +111,8 @@ class BlobScheduler:
                 self._fetched.add(digest)
 
     def _notify(self, digest: Digest, make: Callable[[str], Event]) -> None:
+        if self._emit is None:  # nobody listens: no events built
+            return
         for image in self._watchers.get(digest, ()):
             self._emit(make(image))
 
@@ -277,8 +279,8 @@ class BlobScheduler:
             self._notify(desc.digest, lambda im: BlobStarted(
                 ref=im, digest=digest, size=desc.size, offset=offset))
 
-        def progress(done: int) -> None:  # in the worker thread
-            loop.call_soon_threadsafe(self._progress, desc.digest, digest, done, desc.size)
+        progress = self._reporter(
+            loop, lambda done: self._progress(desc.digest, digest, done, desc.size))
 
         def whole() -> int | None:  # in the worker thread
             writer = store.ingest(desc.digest, desc.size, wait=False)
@@ -288,7 +290,8 @@ class BlobScheduler:
                 if store.has(desc.digest, desc.size):
                     return -1
                 begun = writer.offset
-                loop.call_soon_threadsafe(started, begun)
+                if self._emit is not None:
+                    loop.call_soon_threadsafe(started, begun)
                 if begun < desc.size:
                     try:
                         fetch_into(req, writer, handle=handle, progress=progress,
@@ -324,8 +327,8 @@ class BlobScheduler:
         digest = str(desc.digest)
         handle = Handle()
 
-        def progress(done: int) -> None:  # called in the worker thread
-            loop.call_soon_threadsafe(self._progress, desc.digest, digest, done, desc.size)
+        progress = self._reporter(
+            loop, lambda done: self._progress(desc.digest, digest, done, desc.size))
 
         begun = writer.offset
         try:  # never closes the writer under the thread, even when cancelled
@@ -453,8 +456,7 @@ class BlobScheduler:
                                        zip(cursors[1:], bounds[1:], strict=True))
             self._progress(desc.digest, digest, done, desc.size)
 
-        def progress(_: int) -> None:  # in a worker thread
-            loop.call_soon_threadsafe(report)
+        progress = self._reporter(loop, lambda _: report())
 
         def segment(i: int) -> None:  # in a worker thread
             a, b = bounds[i]
@@ -552,9 +554,21 @@ class BlobScheduler:
                 except PullerError:
                     pass
 
+    def _reporter(self, loop: asyncio.AbstractEventLoop,
+                  report: Callable[[int], None]) -> Callable[[int], None]:
+        """A progress callback for worker threads: runs ``report`` in the loop, or does
+        nothing at all when nobody listens (no loop wake-up per report)."""
+        if self._emit is None:
+            return _ignore
+        return lambda done: loop.call_soon_threadsafe(report, done)
+
     def _progress(self, d: Digest, digest: str, complete: int, total: int) -> None:
         self._notify(d, lambda im: BlobProgress(ref=im, digest=digest, complete=complete,
                                                 total=total))
+
+
+def _ignore(_: int) -> None:
+    pass
 
 
 def _ranges(begun: int, size: int, parts: int) -> list[tuple[int, int]]:

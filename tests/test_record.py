@@ -42,6 +42,17 @@ def test_fields_come_from_annotations_in_order_with_defaults() -> None:
     assert Point(1) != Point3(1)  # another class is never equal
 
 
+def test_one_field_and_no_field_records_compare_and_hash() -> None:
+    class One(Record):
+        a: int
+
+    class Empty(Record):
+        pass
+
+    assert One(1) == One(1) and One(1) != One(2) and hash(One(1)) == hash(One(1))
+    assert One(1)._values() == (1,) and Empty()._values() == () and Empty() == Empty()
+
+
 def test_wrong_arguments_are_type_errors() -> None:
     with pytest.raises(TypeError, match="needs 'x'"):
         Point()
