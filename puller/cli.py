@@ -24,6 +24,31 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, like every other usage error
         self.exit(EXIT_USAGE, f"puller: {message} (see `{self.prog} --help`)\n")
 
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        # argparse makes a formatter for every add_argument (to check the metavar), and
+        # each one asks shutil for the terminal size: importing shutil (with bz2 and
+        # lzma) and a hundred size lookups were a few ms of every command's start-up.
+        return self.formatter_class(prog=self.prog, width=_help_width())
+
+
+_width: list[int] = []
+
+
+def _help_width() -> int:
+    """What argparse would use: the terminal's width ($COLUMNS first) less 2, else 78."""
+    if not _width:
+        try:
+            columns = int(os.environ.get("COLUMNS", ""))
+        except ValueError:
+            columns = 0
+        if columns <= 0:
+            try:
+                columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+            except (AttributeError, ValueError, OSError):
+                columns = 80
+        _width.append(max(columns - 2, 20))
+    return _width[0]
+
 
 def _build_parser(only_pull: bool = False) -> argparse.ArgumentParser:
     """The whole command line, or (``only_pull``, the hot path) just ``pull``, which

@@ -44,7 +44,6 @@ import os
 import stat
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -52,6 +51,7 @@ from . import mediatypes
 from .digest import ALGORITHMS, Digest
 from .errors import PullerError, StoreError
 from .manifest import MAX_MANIFEST_SIZE, ImageIndex, parse_manifest
+from .record import Record
 from .store import SEGMENTS_SUFFIX, ContentStore, clear_legacy_partial, default_store_path
 
 __all__ = ["FsckReport", "GcReport", "Problem", "Partial", "fsck", "gc", "add_parsers"]
@@ -65,8 +65,7 @@ _DEFAULT_WAIT = 60.0
 # -- reports -----------------------------------------------------------------------------
 
 
-@dataclass
-class Problem:
+class Problem(Record, frozen=False):
     """One thing wrong with the store.
 
     ``kind``: ``corrupt`` (bytes don't hash to the name), ``misnamed`` (not a digest),
@@ -96,8 +95,7 @@ class Problem:
         return f"{what}: {self.detail}{' (repaired)' if self.repaired else ''}"
 
 
-@dataclass
-class Partial:
+class Partial(Record, frozen=False):
     """A partial download in ``ingest/``."""
 
     path: str
@@ -106,14 +104,13 @@ class Partial:
     active: bool  # some process holds its lock right now
 
 
-@dataclass
-class FsckReport:
+class FsckReport(Record, frozen=False):
     store: str
     blobs: int = 0
     bytes: int = 0
     entries: int = 0
-    problems: list[Problem] = field(default_factory=list)
-    partials: list[Partial] = field(default_factory=list)
+    problems: list[Problem] = []  # (lists are copied for each report)
+    partials: list[Partial] = []
 
     @property
     def ok(self) -> bool:
@@ -121,30 +118,29 @@ class FsckReport:
         return all(p.repaired for p in self.problems)
 
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
+        out = self.as_dict()
         out["ok"] = self.ok
         return out
 
 
-@dataclass
-class GcReport:
+class GcReport(Record, frozen=False):
     store: str
     dry_run: bool
     kept: int = 0  # blobs reachable from index.json
-    blobs_removed: list[str] = field(default_factory=list)  # paths relative to the root
+    blobs_removed: list[str] = []  # paths relative to the root
     blob_bytes: int = 0
-    ingest_removed: list[str] = field(default_factory=list)
+    ingest_removed: list[str] = []
     ingest_bytes: int = 0
     ingest_busy: int = 0  # partial downloads left because someone holds their lock
-    other_removed: list[str] = field(default_factory=list)  # temporary files
-    warnings: list[str] = field(default_factory=list)
+    other_removed: list[str] = []  # temporary files
+    warnings: list[str] = []
 
     @property
     def bytes_freed(self) -> int:
         return self.blob_bytes + self.ingest_bytes
 
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
+        out = self.as_dict()
         out["bytes_freed"] = self.bytes_freed
         return out
 

@@ -127,5 +127,16 @@ class Record:
         return type(self)(**values)
 
     def as_dict(self) -> dict[str, Any]:
-        """The fields and their values, in order (not recursive)."""
-        return {n: getattr(self, n) for n in self._fields}
+        """The fields and their values, in order; records inside (also in lists, tuples
+        and dict values) become dicts too, as :func:`dataclasses.asdict` does."""
+        return {n: _plain(getattr(self, n)) for n in self._fields}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Record):
+        return value.as_dict()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value

@@ -98,3 +98,11 @@ def test_repr_leaves_hidden_fields_out() -> None:
     shown = repr(Credentials("alice", "s3cret", "refresh"))
     assert "alice" in shown and "s3cret" not in shown and "refresh" not in shown
     assert Point3(1).as_dict() == {"x": 1, "y": 0, "tags": [], "z": 0}
+
+
+def test_as_dict_turns_nested_records_into_dicts() -> None:
+    outer = Point(1, 2, [Point(3), (Point(4),), {"k": Point(5)}])  # type: ignore[list-item]
+    assert outer.as_dict() == {"x": 1, "y": 2, "tags": [
+        {"x": 3, "y": 0, "tags": []},
+        ({"x": 4, "y": 0, "tags": []},),
+        {"k": {"x": 5, "y": 0, "tags": []}}]}
