@@ -144,7 +144,10 @@ class ConnectionPool:
         return self.new(parts, ssl_context), False
 
     def give(self, parts: Any, conn: http.client.HTTPConnection) -> None:
-        if conn.sock is not None:
+        # settimeout gives up the GIL for its syscall, and the event loop thread (which
+        # hands back connections of bodiless responses) then waits behind busy workers
+        # to get it back: only call it when the timeout really changed.
+        if conn.sock is not None and conn.sock.gettimeout() != self._timeout:
             conn.sock.settimeout(self._timeout)
         with self._lock:
             idle = self._idle.setdefault((parts.scheme, parts.netloc), [])
