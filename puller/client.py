@@ -18,7 +18,6 @@ import hashlib
 import ipaddress
 import json
 import os
-import random
 import ssl
 import re
 import time
@@ -104,6 +103,8 @@ def retry_delay(options: ClientOptions, attempt: int, error: BaseException | Non
     if isinstance(error, RateLimited) and error.retry_after is not None:
         return min(max(error.retry_after, 0.0), options.backoff_max * 4)
     cap = min(options.backoff_max, options.backoff_base * (2 ** attempt))
+    import random  # only ever needed for a retry
+
     return random.uniform(cap / 2, cap)
 
 
