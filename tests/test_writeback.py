@@ -87,3 +87,28 @@ def test_the_kernel_call_is_found_and_harmless_on_anything(tmp_path) -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_a_partial_in_the_old_directory_layout_is_cleared_unless_in_use(tmp_path) -> None:
+    import fcntl
+
+    from puller.errors import StoreError
+
+    data = b"layer bytes" * 100
+    st = ContentStore(tmp_path / "store").init()
+    old = st.partial_path(_digest(data))  # ingest/<alg>-<hex>/{data,lock} of older versions
+    old.mkdir()
+    (old / "data").write_bytes(data[:50])
+    lock = os.open(old / "lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # an older puller is writing it right now
+        with pytest.raises(StoreError, match="older puller"):
+            st.ingest(_digest(data), len(data))
+        assert (old / "data").read_bytes() == data[:50]  # left alone
+    finally:
+        os.close(lock)
+    w = st.ingest(_digest(data), len(data))  # now nobody holds it: cleared, started afresh
+    assert w is not None and w.offset == 0 and old.is_file()
+    w.write(data)
+    w.commit()
+    assert st.read(_digest(data), max_size=len(data)) == data and not old.exists()
