@@ -513,6 +513,7 @@ def _already_current(refs: list[Any], args: argparse.Namespace, platform: Any,
         return None
 
     import asyncio
+
     from .api import Puller, PullOptions
 
     options = PullOptions(platform=platform, all_platforms=args.all_platforms,
