@@ -76,10 +76,11 @@ def tool_python() -> str:
         if not py.exists():
             subprocess.run([PY, "-m", "venv", "--without-pip", str(RUN_VENV)], check=True,
                            capture_output=True, timeout=120)
-        site = subprocess.run([PY, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                              check=True, capture_output=True, text=True).stdout.strip()
-        own = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             check=True, capture_output=True, text=True).stdout.strip()
+        purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+        site = subprocess.run([PY, "-c", purelib], check=True, capture_output=True,
+                              text=True).stdout.strip()
+        own = subprocess.run([str(py), "-c", purelib], check=True, capture_output=True,
+                             text=True).stdout.strip()
         Path(own, "puller-checkout.pth").write_text(f"{ROOT}\n{site}\n")
         subprocess.run([str(py), "-c", "import puller.cli, tqdm, uvloop"], check=True,
                        capture_output=True, timeout=60)
@@ -217,9 +218,9 @@ def _check_layout(ctx: Ctx, dest: Path, mode: str, with_manifests: bool = True) 
 
 
 def _check_pinned(ctx: Ctx, out: str) -> str | None:
-    lines = [l.strip() for l in out.splitlines() if l.strip()]
+    lines = [ln.strip() for ln in out.splitlines() if ln.strip()]
     for img in ctx.images:
-        if not any(l.endswith("@" + img.digest) and f"/{img.repo}@" in l for l in lines):
+        if not any(ln.endswith("@" + img.digest) and f"/{img.repo}@" in ln for ln in lines):
             return f"no pinned ref for {img.repo}:{img.tag}@{img.digest[:19]} in stdout"
     return None
 
@@ -385,8 +386,8 @@ class Bench:
         for img in imgs:
             seed.push_image(self.registry.url, img)
         if name == "huge":
-            for l in imgs[0].layers:
-                l.path.unlink(missing_ok=True)
+            for layer in imgs[0].layers:
+                layer.path.unlink(missing_ok=True)
         self.images[name] = imgs
         total = sum(s for s in {d: s for i in imgs for d, s in i.blobs().items()}.values())
         self.log(f"seeded {name}: {len(imgs)} image(s), {total / MiB:.1f} MiB unique blobs "
@@ -464,7 +465,7 @@ class Bench:
                                    "dedupe, so it downloads the base 5 times)",
                                    "MB/s is unique blob bytes / wall time for every tool"])
         if name == "warm":
-            return Scenario(name, "re-pull of the `large` image into a store that has it", 
+            return Scenario(name, "re-pull of the `large` image into a store that has it",
                             self.image_set("large"), base_tools, warm=True,
                             notes=["destination pre-filled by one untimed run of the same tool; "
                                    "no blob bytes need to move, so MB/s is not meaningful"])
@@ -540,7 +541,7 @@ class Bench:
     def run_scenario(self, name: str) -> None:
         sc = self.scenario(name)
         self.log(f"scenario {name}: {sc.title}; {sc.blob_bytes / MiB:.1f} MiB of blobs; tools "
-                 f"{', '.join(l for l, _, _ in sc.tools)}; {self.args.reps} reps")
+                 f"{', '.join(t for t, _, _ in sc.tools)}; {self.args.reps} reps")
         warm_dirs: dict[str, Path] = {}
         try:
             if sc.warm:
@@ -695,8 +696,8 @@ class Bench:
         imgs = self.images.pop("huge", [])
         assert self.registry is not None
         for img in imgs:
-            for l in img.layers:
-                hexd = l.digest.split(":", 1)[1]
+            for layer in img.layers:
+                hexd = layer.digest.split(":", 1)[1]
                 shutil.rmtree(self.registry.root / "docker" / "registry" / "v2" / "blobs" /
                               "sha256" / hexd[:2] / hexd, ignore_errors=True)
 
@@ -786,13 +787,13 @@ def chart(summ: dict, path: Path) -> None:
     fig, axes = plt.subplots(rows_n, cols, figsize=(5.2 * cols, 3.2 * rows_n), squeeze=False)
     palette = {"puller": "#1f77b4", "skopeo": "#ff7f0e", "skopeo-sync": "#d62728",
                "floor": "#7f7f7f", "python-dxf": "#2ca02c"}
-    for ax, name in zip(axes.flat, names):
+    for ax, name in zip(axes.flat, names, strict=False):
         rows = [r for r in summ[name]["rows"] if "wall_median" in r]
         labels = [r["tool"] for r in rows]
         med = [r["wall_median"] for r in rows]
         lo = [r["wall_median"] - r["wall_min"] for r in rows]
         hi = [r["wall_max"] - r["wall_median"] for r in rows]
-        colors = [palette.get(l.split(" ")[0], "#9467bd") for l in labels]
+        colors = [palette.get(label.split(" ")[0], "#9467bd") for label in labels]
         y = range(len(rows))
         ax.barh(list(y), med, xerr=[lo, hi], color=colors, capsize=3)
         ax.set_yticks(list(y), labels)
@@ -801,7 +802,7 @@ def chart(summ: dict, path: Path) -> None:
         ax.set_xlabel("median wall time, s (bars: min–max)", fontsize=8)
         if max(med) / max(min(med), 1e-6) > 30:
             ax.set_xscale("log")
-        for yi, r in zip(y, rows):
+        for yi, r in zip(y, rows, strict=False):
             if r.get("ratio_wall") is not None:
                 ax.annotate(f"  {r['wall_median']:.2f}s  x{r['ratio_wall']:.2f}",
                             (r["wall_max"], yi), fontsize=7, va="center")

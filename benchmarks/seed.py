@@ -20,7 +20,7 @@ import os
 import random
 import tarfile
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -117,7 +117,7 @@ class Image:
         cfg = {
             "created": _CREATED, "architecture": "amd64", "os": "linux",
             "config": {"Cmd": ["/bin/sh"], "Labels": {"puller.bench": f"{self.repo}:{self.tag}"}},
-            "rootfs": {"type": "layers", "diff_ids": [l.diff_id for l in self.layers]},
+            "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in self.layers]},
             "history": [{"created": _CREATED, "created_by": f"layer {i}"}
                         for i in range(len(self.layers))],
         }
@@ -126,8 +126,8 @@ class Image:
             "schemaVersion": 2, "mediaType": OCI_MANIFEST,
             "config": {"mediaType": OCI_CONFIG, "digest": self.config_digest,
                        "size": len(self.config)},
-            "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": l.digest, "size": l.size}
-                       for l in self.layers],
+            "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": layer.digest, "size": layer.size}
+                       for layer in self.layers],
         }
         self.manifest = json.dumps(man, indent=2).encode()
 
@@ -142,7 +142,7 @@ class Image:
     def blobs(self) -> dict[str, int]:
         """digest -> size of the config and every layer (what a pull downloads)."""
         out = {self.config_digest: len(self.config)}
-        out.update({l.digest: l.size for l in self.layers})
+        out.update({layer.digest: layer.size for layer in self.layers})
         return out
 
 

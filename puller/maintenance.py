@@ -37,7 +37,6 @@ module stays cheap (no aiohttp).
 from __future__ import annotations
 
 import argparse
-import errno
 import fcntl
 import json
 import os

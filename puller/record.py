@@ -73,7 +73,7 @@ class Record:
             if len(args) > len(fields):
                 raise TypeError(f"{type(self).__name__} takes at most {len(fields)} "
                                 f"arguments ({len(args)} given)")
-            for name, value in zip(fields, args):
+            for name, value in zip(fields, args, strict=False):  # args may be fewer
                 if name in kwargs:
                     raise TypeError(f"{type(self).__name__} got two values for {name!r}")
                 kwargs[name] = value

@@ -459,7 +459,8 @@ class ContentStore:
             except IsADirectoryError:  # a partial in the layout of older versions
                 if clear_legacy_partial(path) is None:
                     raise StoreError(f"{path} is in use by an older puller, or is not "
-                                     "puller's: remove it, or run `puller gc` when it is idle")
+                                     "puller's: remove it, or run `puller gc` when it is idle"
+                                     ) from None
                 continue
             except FileNotFoundError as exc:  # ingest/ itself is gone: make the layout again
                 try:
