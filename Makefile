@@ -14,6 +14,11 @@ demo: setup
 test: setup
 	@$(PY) -m pytest -q -p no:cacheprovider
 
+# Style and likely bugs (ruff: pyflakes, pycodestyle, bugbear), as configured in pyproject.toml.
+lint: setup
+	@$(PY) -m ruff --version >/dev/null 2>&1 || $(PY) -m pip install -q --disable-pip-version-check 'ruff>=0.4'
+	@$(PY) -m ruff check puller tests benchmarks
+
 bench: setup
 	@$(PY) benchmarks/run.py
 
