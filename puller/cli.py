@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
         # argparse makes a formatter for every add_argument (to check the metavar), and
         # each one asks shutil for the terminal size: importing shutil (with bz2 and
         # lzma) and a hundred size lookups were a few ms of every command's start-up.
-        return self.formatter_class(prog=self.prog, width=_help_width())
+        return self.formatter_class(prog=self.prog, width=_help_width())  # type: ignore[call-arg]
 
 
 _width: list[int] = []

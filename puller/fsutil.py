@@ -6,6 +6,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 __all__ = ["fsync_dir", "write_all", "write_atomic", "thread_buffer", "start_writeback",
            "BUFFER_SIZE", "WRITEBACK_STEP"]
@@ -14,7 +15,7 @@ BUFFER_SIZE = 1 << 20
 # A blob writer asks the kernel to start writing its file out after every this many bytes.
 WRITEBACK_STEP = 8 << 20
 _local = threading.local()
-_sync_file_range: object = None  # resolved on first use; False where there is none
+_sync_file_range: Any = None  # resolved on first use; False where there is none
 
 
 def thread_buffer() -> memoryview:
@@ -44,7 +45,7 @@ def start_writeback(fd: int) -> None:
         fn(fd, 0, 0, 2)  # offset 0, nbytes 0 = to the end; 2 = SYNC_FILE_RANGE_WRITE
 
 
-def _load_sync_file_range() -> object:
+def _load_sync_file_range() -> Any:
     try:
         import ctypes  # only blobs past WRITEBACK_STEP get here: small pulls never load it
 

@@ -540,9 +540,9 @@ def _gc(s: ContentStore, *, dry_run: bool) -> GcReport:
                 report.blobs_removed.append(_rel(s, p))
                 report.blob_bytes += size
 
-    entries = list(_scandir(s.root / "ingest"))
-    names = {e.name for e in entries}
-    for e in entries:
+    partials = list(_scandir(s.root / "ingest"))
+    names = {e.name for e in partials}
+    for e in partials:
         p = Path(e.path)
         if e.name.endswith(SEGMENTS_SUFFIX):
             # Removed with its partial, below; on its own only when the partial is gone.

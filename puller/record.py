@@ -105,7 +105,7 @@ class Record:
         object.__delattr__(self, name)
 
     def _values(self) -> tuple[Any, ...]:
-        return self._getter(self)  # type: ignore[no-any-return]
+        return type(self)._getter(self)
 
     def __eq__(self, other: object) -> bool:
         if other.__class__ is not self.__class__:

@@ -560,7 +560,11 @@ class BlobScheduler:
         nothing at all when nobody listens (no loop wake-up per report)."""
         if self._emit is None:
             return _ignore
-        return lambda done: loop.call_soon_threadsafe(report, done)
+
+        def in_loop(done: int) -> None:
+            loop.call_soon_threadsafe(report, done)
+
+        return in_loop
 
     def _progress(self, d: Digest, digest: str, complete: int, total: int) -> None:
         self._notify(d, lambda im: BlobProgress(ref=im, digest=digest, complete=complete,
