@@ -514,8 +514,13 @@ class Bench:
         host = self.proxy_host if sc.via_proxy else self.registry.host
         ctx = Ctx(host, sc.images, conc)
         cmds = tool.commands(ctx, dest)
+        server = self.registry.proc.pid if self.registry.proc is not None else None
+        server_cpu = _process_cpu(server)
         m = measure(cmds, self.run_dir / "logs" / f"{sc.name}-{label.replace(' ', '')}-{rep}"
                     f"-{self.seq}")
+        after = _process_cpu(server)
+        registry_cpu = after - server_cpu if after is not None and server_cpu is not None \
+            else None
         err = None
         if m.timed_out:
             err = f"timed out after {RUN_TIMEOUT:.0f}s"
@@ -527,6 +532,7 @@ class Bench:
             "scenario": sc.name, "tool": label, "rep": rep, "timed": timed,
             "wall_s": round(m.wall, 4), "user_s": round(m.user, 4), "sys_s": round(m.sys, 4),
             "cpu_s": round(m.user + m.sys, 4), "peak_rss_mib": round(m.maxrss_kib / 1024, 1),
+            "registry_cpu_s": None if registry_cpu is None else round(registry_cpu, 3),
             "blob_bytes": 0 if sc.warm else sc.blob_bytes,
             "ok": err is None, "error": err, "commands": cmds,
         }
@@ -633,6 +639,8 @@ class Bench:
                         "wall_median": statistics.median(walls), "wall_min": min(walls),
                         "wall_max": max(walls),
                         "cpu_median": statistics.median(r["cpu_s"] for r in ok),
+                        "registry_cpu_median": _median_or_none(
+                            [r.get("registry_cpu_s") for r in ok]),
                         "rss_median": statistics.median(r["peak_rss_mib"] for r in ok),
                     })
                     row["mbps"] = (sc.blob_bytes / MiB / row["wall_median"]
@@ -727,6 +735,29 @@ def machine_lines(meta: dict, floor_note: str = "") -> list[str]:
     return L
 
 
+def _process_cpu(pid: int | None) -> float | None:
+    """user+sys seconds a running process (and its reaped children) has used, from /proc."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _median_or_none(values: list) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def _cores(meta: dict) -> int | None:
+    try:
+        return int(meta.get("nproc") or 0) or None
+    except ValueError:
+        return None
+
+
 def render_md(meta: dict, config: dict, summ: dict) -> str:
     L = ["# puller benchmark results", ""]
     L.append(f"{'Quick run' if config['quick'] else 'Full run'}, {config['reps']} repetitions "
@@ -736,7 +767,11 @@ def render_md(meta: dict, config: dict, summ: dict) -> str:
     L.append("Ratio = tool's median / baseline's median (baseline: puller; > 1 means puller is "
              "faster or cheaper). Wall column: median (min–max). MB = MiB = 2^20 bytes; MB/s = "
              "the scenario's unique blob bytes / median wall time. CPU = user+sys of the tool's "
-             "process tree. RSS = peak resident set of the largest process.")
+             "process tree. Registry CPU = what the registry process spent during the run "
+             "(the tool's requests cost it that; in `wan`/`wan1` the proxy's CPU is not "
+             "counted). Bound = (CPU + registry CPU) / cores: with the tool and the registry "
+             "sharing this machine's cores, no run can be faster. RSS = peak resident set of "
+             "the largest process.")
     L.append("")
     L += machine_lines(meta)
     for name, s in summ.items():
@@ -745,16 +780,21 @@ def render_md(meta: dict, config: dict, summ: dict) -> str:
         L.append(f"{s['images']} image(s), {s['blob_bytes'] / MiB:.1f} MiB of unique blobs; "
                  f"ratios vs **{s['baseline']}**.")
         L.append("")
-        L.append("| tool | ok/runs | wall s (min–max) | MB/s | CPU s | peak RSS MB "
-                 "| wall ratio | CPU ratio |")
-        L.append("|---|---|---|---|---|---|---|---|")
+        L.append("| tool | ok/runs | wall s (min–max) | MB/s | CPU s | registry CPU s | bound s "
+                 "| peak RSS MB | wall ratio | CPU ratio |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|")
+        cores = _cores(meta)
         for r in s["rows"]:
             if "wall_median" not in r:
-                L.append(f"| {r['tool']} | {r['ok']}/{r['runs']} | failed | — | — | — | — | — |")
+                L.append(f"| {r['tool']} | {r['ok']}/{r['runs']} | failed | — | — | — | — | — "
+                         "| — | — |")
                 continue
+            reg = r.get("registry_cpu_median")
+            bound = (r["cpu_median"] + reg) / cores if reg is not None and cores else None
             L.append(f"| {r['tool']} | {r['ok']}/{r['runs']} | {r['wall_median']:.3f} "
                      f"({r['wall_min']:.3f}–{r['wall_max']:.3f}) | {_fmt(r.get('mbps'), 0)} | "
-                     f"{r['cpu_median']:.2f} | {r['rss_median']:.0f} | "
+                     f"{r['cpu_median']:.2f} | {_fmt(reg)} | {_fmt(bound)} | "
+                     f"{r['rss_median']:.0f} | "
                      f"{_fmt(r.get('ratio_wall'))} | {_fmt(r.get('ratio_cpu'))} |")
         L.append("")
         for n in s["notes"]:
