@@ -9,6 +9,7 @@ pinned references, or ``--json`` for one event per line.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -31,23 +32,19 @@ class _Parser(argparse.ArgumentParser):
         return self.formatter_class(prog=self.prog, width=_help_width())  # type: ignore[call-arg]
 
 
-_width: list[int] = []
-
-
+@functools.cache
 def _help_width() -> int:
     """What argparse would use: the terminal's width ($COLUMNS first) less 2, else 78."""
-    if not _width:
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
         try:
-            columns = int(os.environ.get("COLUMNS", ""))
-        except ValueError:
-            columns = 0
-        if columns <= 0:
-            try:
-                columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
-            except (AttributeError, ValueError, OSError):
-                columns = 80
-        _width.append(max(columns - 2, 20))
-    return _width[0]
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 80
+    return max(columns - 2, 20)
 
 
 def _build_parser(only_pull: bool = False) -> argparse.ArgumentParser:

@@ -34,7 +34,7 @@ from .errors import InvalidDigest, PullerError, StoreError
 from .manifest import MAX_MANIFEST_SIZE, Descriptor, ImageIndex, ImageManifest, parse_manifest
 from .platform import Platform, is_unknown, select
 from .reference import Reference
-from .store import ContentStore, default_store_path
+from .store import ContentStore, default_store_path, partial_bytes
 
 __all__ = ["Entry", "StoredImage", "entries", "find", "images_of", "choose_image",
            "open_blob", "read_manifest", "PULLED_AT", "NoSuchImage"]
@@ -523,14 +523,7 @@ def du(s: ContentStore) -> dict[str, Any]:
     if ingest.is_dir() and not ingest.is_symlink():
         with os.scandir(ingest) as it:
             for de in it:
-                try:
-                    if de.is_file(follow_symlinks=False):
-                        if not de.name.endswith(".segments"):
-                            partial += de.stat(follow_symlinks=False).st_size
-                    elif de.is_dir(follow_symlinks=False):  # older versions' layout
-                        partial += os.lstat(Path(de.path) / "data").st_size
-                except OSError:
-                    pass
+                partial += partial_bytes(de) or 0
     referenced = sum(sizes.values())
     shared = sum(n for d, n in sizes.items() if users[d] > 1)
     return {"store": str(s.root), "images": images, "blobs": count, "total": on_disk,

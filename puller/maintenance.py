@@ -51,7 +51,8 @@ from .digest import ALGORITHMS, Digest
 from .errors import PullerError, StoreError
 from .manifest import MAX_MANIFEST_SIZE, ImageIndex, parse_manifest
 from .record import Record
-from .store import SEGMENTS_SUFFIX, ContentStore, clear_legacy_partial, default_store_path
+from .store import (SEGMENTS_SUFFIX, ContentStore, clear_legacy_partial, default_store_path,
+                    partial_bytes)
 
 __all__ = ["FsckReport", "GcReport", "Problem", "Partial", "fsck", "gc", "add_parsers"]
 
@@ -373,18 +374,13 @@ def _scan_ingest(s: ContentStore) -> list[Partial]:
             continue  # a note beside a partial, reported with it
         p = Path(e.path)
         digest = _ingest_digest(e.name)
-        size = 0
         active = False
         if e.is_file(follow_symlinks=False):
-            size = e.stat(follow_symlinks=False).st_size
             active = _lock_state(p)
         elif e.is_dir(follow_symlinks=False):  # the layout of older versions
-            try:
-                size = os.lstat(p / "data").st_size
-            except OSError:
-                size = 0
             active = _lock_state(p / "lock")
-        out.append(Partial(_rel(s, p), str(digest) if digest else None, size, active))
+        out.append(Partial(_rel(s, p), str(digest) if digest else None,
+                           partial_bytes(e) or 0, active))
     return out
 
 
@@ -550,7 +546,7 @@ def _gc(s: ContentStore, *, dry_run: bool) -> GcReport:
                 report.ingest_removed.append(_rel(s, p))
             continue
         if e.is_dir(follow_symlinks=False):  # the layout of older versions
-            freed = _legacy_size(p) if dry_run else clear_legacy_partial(p)
+            freed = clear_legacy_partial(p, dry_run=dry_run)
         elif e.is_file(follow_symlinks=False):
             freed = _remove_partial(p, dry_run)
         else:  # a link or anything else puller never makes there
@@ -598,22 +594,6 @@ def _remove_partial(path: Path, dry_run: bool) -> int | None:
         return None
     finally:
         os.close(fd)
-
-
-def _legacy_size(directory: Path) -> int | None:
-    """What :func:`clear_legacy_partial` would free, without removing anything."""
-    if _lock_state(directory / "lock"):
-        return None
-    size = 0
-    try:
-        for name in os.listdir(directory):
-            st = os.lstat(directory / name)
-            if stat.S_ISDIR(st.st_mode):
-                return None
-            size += st.st_size if stat.S_ISREG(st.st_mode) else 0
-    except OSError:
-        return None
-    return size
 
 
 # -- command line --------------------------------------------------------------------------

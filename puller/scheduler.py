@@ -275,10 +275,9 @@ class BlobScheduler:
         handle = Handle()
         store = self._store
 
-        def started(offset: int) -> None:  # in the loop
-            self._notify(desc.digest, lambda im: BlobStarted(
-                ref=im, digest=digest, size=desc.size, offset=offset))
-
+        started = self._reporter(loop, lambda offset: self._notify(
+            desc.digest, lambda im: BlobStarted(ref=im, digest=digest, size=desc.size,
+                                                offset=offset)))
         progress = self._reporter(
             loop, lambda done: self._progress(desc.digest, digest, done, desc.size))
 
@@ -290,8 +289,7 @@ class BlobScheduler:
                 if store.has(desc.digest, desc.size):
                     return -1
                 begun = writer.offset
-                if self._emit is not None:
-                    loop.call_soon_threadsafe(started, begun)
+                started(begun)
                 if begun < desc.size:
                     try:
                         fetch_into(req, writer, handle=handle, progress=progress,
@@ -417,8 +415,7 @@ class BlobScheduler:
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._segments_failed(exc, ref, desc, writer, begun)
             raise
-        await self._run(writer.absorb, desc.size)
-        await self._run(writer.commit)
+        await self._run(writer.commit_segments)
         return desc.size - begun
 
     async def _segments_failed(self, exc: BaseException, ref: Reference, desc: Descriptor,
@@ -487,8 +484,7 @@ class BlobScheduler:
                 raise
             await self._segments_failed(exc, ref, desc, writer, begun)
             raise
-        await self._run(writer.absorb, desc.size)
-        await self._run(writer.commit)
+        await self._run(writer.commit_segments)
         return desc.size - begun
 
     async def _pump(self, ref: Reference, content: Any, writer: BlobWriter,
@@ -556,8 +552,9 @@ class BlobScheduler:
 
     def _reporter(self, loop: asyncio.AbstractEventLoop,
                   report: Callable[[int], None]) -> Callable[[int], None]:
-        """A progress callback for worker threads: runs ``report`` in the loop, or does
-        nothing at all when nobody listens (no loop wake-up per report)."""
+        """A callback for worker threads to report through (a blob's start, its
+        progress): runs ``report`` in the loop, or does nothing at all when nobody
+        listens (no loop wake-up per report)."""
         if self._emit is None:
             return _ignore
 

@@ -83,11 +83,11 @@ def _real_dir(path: Path) -> None:
 
 
 
-def clear_legacy_partial(directory: Path) -> int | None:
+def clear_legacy_partial(directory: Path, *, dry_run: bool = False) -> int | None:
     """Remove an ingest entry in the layout older versions of puller wrote
     (``ingest/<algorithm>-<hex>/{data,lock,segments}``) unless a process holds its lock;
-    returns the bytes freed, or None when it is busy or not something puller made. Links in
-    it are removed, never followed."""
+    returns the bytes freed (with ``dry_run``: would free, removing nothing), or None when
+    it is busy or not something puller made. Links in it are removed, never followed."""
     lock = directory / "lock"
     fd = -1
     try:
@@ -110,6 +110,8 @@ def clear_legacy_partial(directory: Path) -> int | None:
             if stat.S_ISDIR(st.st_mode):
                 return None  # not something puller made: leave the directory alone
             size += st.st_size if stat.S_ISREG(st.st_mode) else 0
+        if dry_run:
+            return size
         for name in names:
             if name != "lock":
                 os.unlink(directory / name)
@@ -124,6 +126,21 @@ def clear_legacy_partial(directory: Path) -> int | None:
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+def partial_bytes(entry: os.DirEntry[str]) -> int | None:
+    """Bytes held by the partial download an ``ingest/`` entry is; None for an entry that
+    is none (a segments note, a link, anything else). Never follows links."""
+    if entry.name.endswith(SEGMENTS_SUFFIX):
+        return None
+    try:
+        if entry.is_file(follow_symlinks=False):
+            return entry.stat(follow_symlinks=False).st_size
+        if entry.is_dir(follow_symlinks=False):  # the layout of older versions
+            return os.lstat(Path(entry.path) / "data").st_size
+    except OSError:
+        return 0
+    return None
 
 
 class BlobWriter:
@@ -296,6 +313,12 @@ class BlobWriter:
             os.lseek(self._fd, self.offset, os.SEEK_SET)
         except OSError as exc:
             raise _store_error(exc, f"reading back blob {self.digest}") from exc
+
+    def commit_segments(self) -> None:
+        """End a parallel-range download: hash what the later segments left on disk,
+        then :meth:`commit` (one worker-thread hop for both)."""
+        self.absorb(self.size)
+        self.commit()
 
     def commit(self) -> None:
         """Verify size and digest, fsync and move the blob into ``blobs/``.

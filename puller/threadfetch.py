@@ -21,6 +21,7 @@ import http.client
 import re
 import socket
 import threading
+from functools import partial
 from typing import Any, Callable
 from urllib.parse import urljoin, urlsplit
 
@@ -177,27 +178,17 @@ def open_get(req: BlobRequest, offset: int, size: int, *, handle: Handle,
         if handle.cancelled.is_set():
             raise Cancelled()
         ssl_context = req.ssl_for(target.netloc) if target.scheme == "https" else None
-        conn, reused = pool.take(target, ssl_context)
         path = target.path + (f"?{target.query}" if target.query else "")
         try:
-            try:
-                if conn.sock is None:
-                    conn.connect()
-                handle.attach(conn.sock)
-                conn.request("GET", path, headers=headers)
-                resp = conn.getresponse()
-            except (OSError, http.client.HTTPException) as exc:
-                if not reused:
-                    raise describe_network_error(exc, origin.netloc, what) from exc
-                conn.close()  # the server closed an idle connection: a fresh one
-                conn = pool.new(target, ssl_context)
-                try:
-                    conn.connect()
-                    handle.attach(conn.sock)
-                    conn.request("GET", path, headers=headers)
-                    resp = conn.getresponse()
-                except (OSError, http.client.HTTPException) as exc2:
-                    raise describe_network_error(exc2, origin.netloc, what) from exc2
+            conn, resp = pool.open(target, ssl_context,
+                                   partial(_get, path=path, headers=headers, handle=handle))
+        except (OSError, http.client.HTTPException) as exc:
+            handle.attach(None)
+            raise describe_network_error(exc, origin.netloc, what) from exc
+        except BaseException:
+            handle.attach(None)
+            raise
+        try:
             if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
                 url = urljoin(url, resp.getheader("Location"))
                 handle.attach(None)
@@ -217,6 +208,15 @@ def open_get(req: BlobRequest, offset: int, size: int, *, handle: Handle,
             conn.close()
             raise
     raise NotPlain("too many redirects")
+
+
+def _get(conn: http.client.HTTPConnection, path: str, headers: dict[str, str],
+         handle: Handle) -> http.client.HTTPResponse:
+    if conn.sock is None:
+        conn.connect()
+    handle.attach(conn.sock)
+    conn.request("GET", path, headers=headers)
+    return conn.getresponse()
 
 
 def fetch_range(req: BlobRequest, start: int, end: int, size: int, *,

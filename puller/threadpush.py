@@ -189,9 +189,6 @@ def _send(up: BlobRequest, method: str, url: str, length: int, source: Reader | 
     ssl_context = up.ssl_for(host) if target.scheme == "https" else None
     if handle.cancelled.is_set():
         raise Cancelled()
-    conn, reused = pool.take(target, ssl_context)
-    keep = False
-    moved = 0
 
     def begin(conn: http.client.HTTPConnection) -> None:
         if conn.sock is None:
@@ -204,17 +201,16 @@ def _send(up: BlobRequest, method: str, url: str, length: int, source: Reader | 
         conn.endheaders()
 
     try:
-        try:
-            begin(conn)
-        except (OSError, http.client.HTTPException) as exc:
-            if not reused:
-                raise _broken(exc, host, what) from exc
-            conn.close()  # the server closed an idle connection: once more, fresh
-            conn = pool.new(target, ssl_context)
-            try:
-                begin(conn)
-            except (OSError, http.client.HTTPException) as exc2:
-                raise _broken(exc2, host, what) from exc2
+        conn, _ = pool.open(target, ssl_context, begin)
+    except (OSError, http.client.HTTPException) as exc:
+        handle.attach(None, _PUT_SLOT)
+        raise _broken(exc, host, what) from exc
+    except BaseException:
+        handle.attach(None, _PUT_SLOT)
+        raise
+    keep = False
+    moved = 0
+    try:
         sending_failed: BaseException | None = None
         while moved < length:
             assert source is not None

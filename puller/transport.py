@@ -28,10 +28,12 @@ import os
 import socket
 import ssl
 import threading
-from typing import Any
+from typing import Any, Callable, TypeVar
 from urllib.parse import urlsplit
 
 from .errors import PullerError, TransportError
+
+_T = TypeVar("_T")
 
 __all__ = ["Transport", "ThreadedTransport", "ConnectionPool", "describe_network_error",
            "proxy_configured"]
@@ -142,6 +144,30 @@ class ConnectionPool:
             if idle:
                 return idle.pop(), True
         return self.new(parts, ssl_context), False
+
+    def open(self, parts: Any, ssl_context: ssl.SSLContext | None,
+             start: Callable[[http.client.HTTPConnection], _T], *, reuse: bool = True,
+             retry: Callable[[], bool] = lambda: True
+             ) -> tuple[http.client.HTTPConnection, _T]:
+        """A connection to ``parts``' origin with ``start(conn)`` (send a request, maybe
+        read its answer) done on it: an idle one when there is one and ``reuse``, else a
+        new one. A server may have closed an idle connection in the meantime, so when
+        ``start`` fails on one, it runs once more on a new connection (unless ``retry()``
+        says no). The error of the last try is raised; a connection that failed is
+        closed."""
+        conn, reused = self.take(parts, ssl_context) if reuse else \
+            (self.new(parts, ssl_context), False)
+        while True:
+            try:
+                return conn, start(conn)
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                if not reused or not retry():
+                    raise
+            except BaseException:
+                conn.close()
+                raise
+            conn, reused = self.new(parts, ssl_context), False
 
     def give(self, parts: Any, conn: http.client.HTTPConnection) -> None:
         # settimeout gives up the GIL for its syscall, and the event loop thread (which
@@ -292,25 +318,15 @@ class ThreadedTransport(Transport):
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
-        if data is None or isinstance(data, (bytes, dict)):
-            conn, reused = self._pool.take(parts, ssl_context)
-        else:  # a stream can't be sent twice: no idle connection that may have gone stale
-            conn, reused = self._pool.new(parts, ssl_context), False
-        holder["conn"] = conn  # lets a cancelled caller abort a blocked read
-        try:
-            try:
-                conn.request(method, path, body=body, headers=hdrs)
-                resp = conn.getresponse()
-            except (OSError, http.client.HTTPException):
-                if not reused or holder.get("aborted"):
-                    raise
-                conn.close()  # the server closed an idle connection: once more, fresh
-                conn = holder["conn"] = self._pool.new(parts, ssl_context)
-                conn.request(method, path, body=body, headers=hdrs)
-                resp = conn.getresponse()
-        except BaseException:
-            conn.close()
-            raise
+        def start(conn: http.client.HTTPConnection) -> http.client.HTTPResponse:
+            holder["conn"] = conn  # lets a cancelled caller abort a blocked read
+            conn.request(method, path, body=body, headers=hdrs)
+            return conn.getresponse()
+
+        # A stream can't be sent twice: no idle connection that may have gone stale.
+        conn, resp = self._pool.open(
+            parts, ssl_context, start, reuse=data is None or isinstance(data, (bytes, dict)),
+            retry=lambda: not holder.get("aborted"))
         return _Response(resp, conn, method, lambda c: self._pool.give(parts, c), holder)
 
 

@@ -12,20 +12,19 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import trustme
 
 from puller import Puller
-from puller.auth import Token
 from puller.client import ClientOptions, RegistryClient
 from puller.credentials import Credentials, DockerConfig
 from puller.errors import AuthenticationRequired
 from puller.reference import Reference
 from tests.support import ThreadedServer
 from tests.support.images import Pusher, build_image, push
+from tests.support.tokenserver import spoil_cached_token
 
 USER, PASSWORD = "alice", "wonder-land-42"
 
@@ -309,9 +308,7 @@ async def test_refused_token_is_refreshed_mid_run(token_registry, unique_repo, s
         first = await client.get_manifest(ref)
         # The registry now refuses the cached token (expired or revoked): the client
         # must answer the new challenge with a fresh token, not fail.
-        key = (ref.api_host, f"repository:{unique_repo}:pull")
-        assert key in client._tokens
-        client._tokens[key] = Token("eyJhbGciOiJub25lIn0.e30.", time.monotonic() + 600)
+        spoil_cached_token(client, ref.api_host, f"repository:{unique_repo}:pull")
         token_registry.tokenserver.clear_log()
         second = await client.get_manifest(ref)
         assert second.digest == first.digest

@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-from puller.auth import Token
 from puller.client import ClientOptions, RegistryClient
 from puller.digest import Digest
 from puller.errors import DigestMismatch
@@ -18,6 +17,7 @@ from puller.push import RegistryProvider, Transfer, TransferOptions
 from puller.reference import Reference
 from puller.transport import ThreadedTransport
 from tests.support.images import build_image, push
+from tests.support.tokenserver import spoil_cached_token
 from tests.test_auth import _RedirectingFront
 from tests.test_processes import start
 from tests.test_push import run, skopeo_raw, uploads
@@ -87,9 +87,7 @@ async def test_source_token_refused_mid_run_is_renewed(token_registry, registry_
     events: list[dict] = []
     async with RegistryClient(ClientOptions(), credentials=None) as client:
         fetched = await client.get_manifest(src)
-        key = (src.api_host, f"repository:{unique_repo}:pull")
-        assert key in client._tokens
-        client._tokens[key] = Token("eyJhbGciOiJub25lIn0.e30.", time.monotonic() + 600)
+        spoil_cached_token(client, src.api_host, f"repository:{unique_repo}:pull")
         token_registry.tokenserver.clear_log()
         transfer = Transfer(client, TransferOptions(), emit=events.append)
         try:
@@ -202,9 +200,7 @@ async def test_target_token_refused_mid_run_is_renewed(registry, token_registry,
         async def upload_request(ref, location):
             if not spoiled:  # the first upload thread gets a token the registry refuses
                 spoiled.append(True)
-                key = (ref.api_host, client.push_scope(ref))
-                assert key in client._tokens
-                client._tokens[key] = Token("eyJhbGciOiJub25lIn0.e30.", time.monotonic() + 600)
+                spoil_cached_token(client, ref.api_host, client.push_scope(ref))
             return await real(ref, location)
 
         client.upload_request = upload_request

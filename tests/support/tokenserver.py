@@ -278,3 +278,14 @@ class TokenServer:
         issued_at = dt.datetime.fromtimestamp(now, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         return done(web.json_response({"token": token, "access_token": token,
                                        "expires_in": expires_in, "issued_at": issued_at}))
+
+
+def spoil_cached_token(client: object, host: str, scope: str) -> None:
+    """Replace the token a RegistryClient holds for (host, scope) with one the registry
+    refuses (as after an expiry or a revocation); the client must have one."""
+    from puller.auth import Token
+
+    key = (host, scope)
+    tokens = client._tokens  # type: ignore[attr-defined]
+    assert key in tokens
+    tokens[key] = Token("eyJhbGciOiJub25lIn0.e30.", time.monotonic() + 600)

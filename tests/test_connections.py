@@ -1,0 +1,110 @@
+"""Kept-alive connections that the server closed while idle: one request more on a fresh
+connection, in the one place every http.client path takes its connections from."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import threading
+from urllib.parse import urlsplit
+
+import pytest
+
+from puller.transport import ConnectionPool, ThreadedTransport
+
+
+class _HangUpServer:
+    """Answers one request per connection (keep-alive, as far as the client can tell)
+    and then closes it: every idle connection a client keeps has gone stale."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.accepted = 0
+        self.answered = 0
+        self._stop = False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}/v2/"
+
+    def _serve(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                if data:
+                    self.answered += 1  # before the client can see the answer
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
+
+
+@pytest.fixture
+def server():
+    s = _HangUpServer()
+    yield s
+    s.close()
+
+
+def _get(conn: http.client.HTTPConnection) -> bytes:
+    conn.request("GET", "/v2/")
+    resp = conn.getresponse()
+    return resp.read()
+
+
+def test_a_stale_idle_connection_is_replaced_once(server) -> None:
+    pool = ConnectionPool(timeout=5)
+    parts = urlsplit(server.url)
+    try:
+        for _ in range(3):
+            conn, body = pool.open(parts, None, _get)
+            assert body == b"ok"
+            pool.give(parts, conn)  # looks reusable; the server has hung up on it
+    finally:
+        pool.close()
+    assert server.answered == 3 and server.accepted == 3
+
+
+def test_no_second_try_when_told_not_to_or_on_a_new_connection(server) -> None:
+    pool = ConnectionPool(timeout=5)
+    parts = urlsplit(server.url)
+    calls = []
+
+    def failing(c: http.client.HTTPConnection) -> None:
+        calls.append(c)
+        raise ConnectionResetError("refused")
+
+    try:
+        conn, _ = pool.open(parts, None, _get)
+        pool.give(parts, conn)
+        with pytest.raises((OSError, http.client.HTTPException)):
+            pool.open(parts, None, _get, retry=lambda: False)  # e.g. the caller was cancelled
+        with pytest.raises(ConnectionResetError):
+            pool.open(parts, None, failing)  # nothing idle: a new connection, one try
+    finally:
+        pool.close()
+    assert len(calls) == 1
+
+
+async def test_the_threaded_transport_goes_on_after_a_hang_up(server) -> None:
+    transport = ThreadedTransport(timeout=5)
+    try:
+        for _ in range(3):
+            resp = await transport.request("GET", server.url, headers={}, ssl_context=None)
+            assert resp.status == 200 and await resp.content.read() == b"ok"
+            resp.release()
+    finally:
+        await transport.close()
+    assert server.answered == 3
