@@ -37,7 +37,6 @@ each sweep, and prints the tables. See benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -54,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import (  # noqa: E402  (benchmarks/run.py; puts the repository on sys.path)
     BENCH, KiB, MiB, PY, RUN_TIMEOUT, TOOLS, WORK, Bench, Ctx, Tool, machine_lines, measure,
-    seed,
+    save_report, seed,
 )
 from tests.support.registry import Registry  # noqa: E402
 
@@ -240,15 +239,10 @@ class Growth:
         return out
 
     def write_results(self) -> None:
-        out = Path(self.args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        summ = self.summary()
-        meta = dict(self.meta, loadavg_end=os.getloadavg())
         config = {"quick": self.quick, "reps": self.args.reps, "verify": self.args.verify,
-                  "warmup": not self.args.no_warmup, "argv": sys.argv[1:]}
-        doc = {"meta": meta, "config": config, "summary": summ, "runs": self.runs}
-        (out / "growth.json").write_text(json.dumps(doc, indent=2) + "\n")
-        (out / "growth.md").write_text(render_md(meta, config, summ))
+                  "warmup": not self.args.no_warmup}
+        save_report(Path(self.args.out), "growth", self.meta, config, self.summary(),
+                    self.runs, render_md)
 
     # -- main ---------------------------------------------------------------------------------
     def main(self) -> int:

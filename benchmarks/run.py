@@ -659,17 +659,10 @@ class Bench:
 
     def write_results(self) -> None:
         out = Path(self.args.out)
-        out.mkdir(parents=True, exist_ok=True)
         summ = self.summary()
-        meta = dict(self.meta, loadavg_end=os.getloadavg())
-        doc = {"meta": meta, "config": {"quick": self.quick, "reps": self.args.reps,
-                                        "verify": self.args.verify,
-                                        "wan_latency_s": self.args.wan_latency,
-                                        "wan_rate_Bps": self.args.wan_rate,
-                                        "argv": sys.argv[1:]},
-               "summary": summ, "runs": self.runs}
-        (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
-        (out / "results.md").write_text(render_md(meta, doc["config"], summ))
+        config = {"quick": self.quick, "reps": self.args.reps, "verify": self.args.verify,
+                  "wan_latency_s": self.args.wan_latency, "wan_rate_Bps": self.args.wan_rate}
+        save_report(out, "results", self.meta, config, summ, self.runs, render_md)
         try:
             chart(summ, out / "chart.png")
         except ImportError:
@@ -733,6 +726,18 @@ def machine_lines(meta: dict, floor_note: str = "") -> list[str]:
         L.append(f"- load average at start / end: {la0[0]:.2f} / {la1[0]:.2f}")
     L.append("")
     return L
+
+
+def save_report(out: Path, stem: str, meta: dict, config: dict, summary: dict, runs: list,
+                render: Callable[[dict, dict, dict], str]) -> None:
+    """Write ``STEM.json`` (everything, the command line and the load average at the end
+    included) and ``STEM.md`` (``render(meta, config, summary)``) to ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(meta, loadavg_end=os.getloadavg())
+    config = dict(config, argv=sys.argv[1:])
+    doc = {"meta": meta, "config": config, "summary": summary, "runs": runs}
+    (out / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(render(meta, config, summary))
 
 
 def _process_cpu(pid: int | None) -> float | None:
