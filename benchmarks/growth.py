@@ -52,8 +52,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import (  # noqa: E402  (benchmarks/run.py; puts the repository on sys.path)
-    BENCH, KiB, MiB, PY, RUN_TIMEOUT, TOOLS, WORK, Bench, Ctx, Tool, machine_lines, measure,
-    save_report, seed,
+    BENCH, KiB, MiB, PY, TOOLS, WORK, Bench, Ctx, Tool, machine_lines, measure,
+    run_error, save_report, seed,
 )
 from tests.support.registry import Registry  # noqa: E402
 
@@ -175,19 +175,12 @@ class Growth:
         try:
             m = measure(cmds, self.run_dir / "logs" / f"{sw.name}-{pt.image.tag}-{name}-{rep}"
                         f"-{self.seq}")
-            if m.timed_out:
-                err = f"timed out after {RUN_TIMEOUT:.0f}s"
-            elif any(rc != 0 for rc in m.rcs):
-                err = f"exit {m.rcs}: {m.stderr.strip()[-400:]}"
-            else:
-                err = tool.verify(ctx, dest, m, self.args.verify)
+            err = run_error(tool, ctx, dest, m, self.args.verify)
         finally:
             shutil.rmtree(dest, ignore_errors=True)
         rec = {
             "sweep": sw.name, "point": pt.label, "x": round(pt.x, 4), "tool": name, "rep": rep,
-            "wall_s": round(m.wall, 4), "user_s": round(m.user, 4), "sys_s": round(m.sys, 4),
-            "cpu_s": round(m.user + m.sys, 4), "peak_rss_mib": round(m.maxrss_kib / 1024, 1),
-            "blob_bytes": pt.blob_bytes, "layers": len(pt.image.layers),
+            **m.fields(), "blob_bytes": pt.blob_bytes, "layers": len(pt.image.layers),
             "ok": err is None, "error": err, "commands": cmds,
         }
         if timed:

@@ -118,6 +118,12 @@ class Measured:
     stderr: str
     timed_out: bool = False
 
+    def fields(self) -> dict:
+        """The figures a results record keeps of this run."""
+        return {"wall_s": round(self.wall, 4), "user_s": round(self.user, 4),
+                "sys_s": round(self.sys, 4), "cpu_s": round(self.user + self.sys, 4),
+                "peak_rss_mib": round(self.maxrss_kib / 1024, 1)}
+
 
 def _kill_group(pid: int) -> None:
     try:
@@ -521,17 +527,9 @@ class Bench:
         after = _process_cpu(server)
         registry_cpu = after - server_cpu if after is not None and server_cpu is not None \
             else None
-        err = None
-        if m.timed_out:
-            err = f"timed out after {RUN_TIMEOUT:.0f}s"
-        elif any(rc != 0 for rc in m.rcs):
-            err = f"exit {m.rcs}: {m.stderr.strip()[-400:]}"
-        else:
-            err = tool.verify(ctx, dest, m, self.args.verify)
+        err = run_error(tool, ctx, dest, m, self.args.verify)
         rec = {
-            "scenario": sc.name, "tool": label, "rep": rep, "timed": timed,
-            "wall_s": round(m.wall, 4), "user_s": round(m.user, 4), "sys_s": round(m.sys, 4),
-            "cpu_s": round(m.user + m.sys, 4), "peak_rss_mib": round(m.maxrss_kib / 1024, 1),
+            "scenario": sc.name, "tool": label, "rep": rep, "timed": timed, **m.fields(),
             "registry_cpu_s": None if registry_cpu is None else round(registry_cpu, 3),
             "blob_bytes": 0 if sc.warm else sc.blob_bytes,
             "ok": err is None, "error": err, "commands": cmds,
@@ -726,6 +724,15 @@ def machine_lines(meta: dict, floor_note: str = "") -> list[str]:
         L.append(f"- load average at start / end: {la0[0]:.2f} / {la1[0]:.2f}")
     L.append("")
     return L
+
+
+def run_error(tool: Tool, ctx: Ctx, dest: Path, m: Measured, verify: str) -> str | None:
+    """Why a measured run does not count (timed out, failed, wrong output), or None."""
+    if m.timed_out:
+        return f"timed out after {RUN_TIMEOUT:.0f}s"
+    if any(rc != 0 for rc in m.rcs):
+        return f"exit {m.rcs}: {m.stderr.strip()[-400:]}"
+    return tool.verify(ctx, dest, m, verify)
 
 
 def save_report(out: Path, stem: str, meta: dict, config: dict, summary: dict, runs: list,
