@@ -1,7 +1,7 @@
 """The ``puller`` command line: a thin layer over :class:`puller.Puller`.
 
-Exit codes: 0 every image pulled and verified; 1 at least one image failed;
-2 bad usage or input (a bad reference, platform or option); 130 interrupted.
+Exit codes: 0 every image pulled and verified; 1 at least one image failed, or the
+output could not be written (see :mod:`puller.output`); 2 bad usage or input (a bad reference, platform or option); 130 interrupted.
 Output is docker-style lines (with tqdm bars on a terminal), ``-q`` for just the
 pinned references, or ``--json`` for one event per line.
 """
@@ -14,9 +14,10 @@ import json
 import os
 import signal
 import sys
-from typing import Any, Sequence, TextIO
+from typing import Any, NoReturn, Sequence, TextIO
 
 from . import __version__
+from .output import Output
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -184,28 +185,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_USAGE  # pragma: no cover - argparse enforces a command
 
 
+def run() -> NoReturn:
+    """The ``puller`` program (console script and ``python -m puller``): :func:`main`,
+    then a quick exit.
+
+    Once a command is over nothing is left to do but the interpreter's teardown, which
+    frees every module and object one by one: 20-25 ms of a 0.4 s pull of 100 small
+    layers, measured (a fifth of a warm re-pull). Everything puller writes is closed and
+    synced by then, so with no other thread alive the process flushes its output, runs
+    the ``atexit`` handlers and leaves with ``os._exit``. Otherwise (a thread still at
+    work, an interpreter without ``atexit._run_exitfuncs``) it exits the usual way.
+    """
+    rc = main()
+    import atexit
+    import threading
+
+    run_exitfuncs = getattr(atexit, "_run_exitfuncs", None)
+    if threading.active_count() > 1 or run_exitfuncs is None:
+        sys.exit(rc)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BrokenPipeError:  # the reader went away; nothing more to tell it
+            pass
+        except (OSError, ValueError) as exc:  # a full disk behind a redirect, say
+            if stream is sys.stdout:
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                print(f"puller: cannot write the output: {why}", file=sys.stderr)
+                rc = rc or EXIT_FAILED
+    run_exitfuncs()
+    os._exit(rc)
+
+
 # -- pull --------------------------------------------------------------------------------
 
 def _fail_usage(message: str, as_json: bool) -> int:
     if as_json:
-        _json_line(sys.stdout, {"event": "error", "error": message, "error_type": "usage"})
+        try:
+            _json_line(sys.stdout, {"event": "error", "error": message, "error_type": "usage"})
+        except OSError:  # the line below still says it
+            pass
     print(f"puller: {message}", file=sys.stderr)
     return EXIT_USAGE
 
 
 def _json_line(stream: TextIO, obj: dict[str, Any]) -> None:
-    try:
-        stream.write(json.dumps(obj, separators=(",", ":")) + "\n")
-        stream.flush()
-    except BrokenPipeError:
-        _stdout_gone()
-
-
-def _stdout_gone() -> None:
-    """The reader went away (``puller ... | head``): drop further output, keep pulling."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+    stream.write(json.dumps(obj, separators=(",", ":")) + "\n")
+    stream.flush()
 
 
 def _pull_command(args: argparse.Namespace) -> int:
@@ -260,7 +286,7 @@ def _pull_command(args: argparse.Namespace) -> int:
             view.event(_done(ref, result))
             view.done(ref, result)
         view.close()
-        return EXIT_OK
+        return EXIT_FAILED if view.output_failed else EXIT_OK
 
     try:
         import uvloop
@@ -296,7 +322,7 @@ def _pull_command(args: argparse.Namespace) -> int:
             else:
                 view.done(ref, r)
         view.close()
-        return EXIT_FAILED if failed else EXIT_OK
+        return EXIT_FAILED if failed or view.output_failed else EXIT_OK
 
     try:
         if uvloop is not None:
@@ -554,7 +580,7 @@ def _done(ref: Any, result: Any) -> Any:
                     up_to_date=True)
 
 
-class _View:
+class _View(Output):
     listens = False  # True where event() does something: else the engine builds none
 
     def event(self, ev: Any) -> None:
@@ -575,20 +601,18 @@ class _View:
 
 class _QuietView(_View):
     def done(self, ref: Any, result: Any) -> None:
-        try:
-            print(result.pinned, flush=True)
-        except BrokenPipeError:
-            _stdout_gone()
+        self._line(result.pinned)
 
 
 class _JsonView(_View):
     listens = True
 
     def event(self, ev: Any) -> None:
-        _json_line(sys.stdout, ev.to_json())
+        self._line(json.dumps(ev.to_json(), separators=(",", ":")))
 
     def fatal(self, message: str) -> None:
-        _json_line(sys.stdout, {"event": "error", "error": message, "error_type": "store"})
+        self._line(json.dumps({"event": "error", "error": message, "error_type": "store"},
+                              separators=(",", ":")))
         super().fatal(message)
 
 
@@ -626,13 +650,10 @@ class _TextView(_View):
             self._line(text)
 
     def _line(self, text: str) -> None:
-        try:
-            if self._tqdm is not None:
-                self._tqdm.write(text, file=sys.stdout)
-            else:
-                print(text, flush=True)
-        except BrokenPipeError:
-            _stdout_gone()
+        if self._tqdm is not None:  # above the bars
+            self._out(lambda: self._tqdm.write(text, file=sys.stdout))
+        else:
+            super()._line(text)
 
     def event(self, ev: Any) -> None:
         kind = ev.kind

@@ -32,6 +32,7 @@ from . import mediatypes
 from .digest import Digest
 from .errors import InvalidDigest, PullerError, StoreError
 from .manifest import MAX_MANIFEST_SIZE, Descriptor, ImageIndex, ImageManifest, parse_manifest
+from .output import discard_stdout
 from .platform import Platform, is_unknown, select
 from .reference import Reference
 from .store import ContentStore, default_store_path, partial_bytes
@@ -306,9 +307,7 @@ def _print(text: str) -> None:
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
     except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        discard_stdout()
 
 
 def _json(obj: Any) -> None:

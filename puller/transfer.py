@@ -8,7 +8,8 @@
 - ``puller copy SRC DST``: registry to registry, blobs streamed through;
 - ``puller mirror``: many repositories and tags in one run, with filters and shards.
 
-Exit codes: 0 all done; 1 something failed (the rest completed); 2 bad usage;
+Exit codes: 0 all done; 1 something failed (the rest completed), or the output could not
+be written (:mod:`puller.output`); 2 bad usage;
 130 interrupted. Only argparse is imported at start-up; the engine is imported by the
 handlers.
 """
@@ -21,6 +22,8 @@ import os
 import signal
 import sys
 from typing import Any, Callable
+
+from .output import Output
 
 __all__ = ["add_parsers"]
 
@@ -138,33 +141,23 @@ def _size(text: str) -> int:
 
 # -- output ----------------------------------------------------------------------------------
 
-class _Out:
+class _Out(Output):
     def __init__(self, args: argparse.Namespace) -> None:
         self.json = bool(getattr(args, "json", False))
         self.quiet = bool(getattr(args, "quiet", False))
 
-    def _write(self, stream: Any, text: str) -> None:
-        try:
-            stream.write(text + "\n")
-            stream.flush()
-        except BrokenPipeError:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, stream.fileno())
-            os.close(devnull)
-
     def event(self, ev: dict[str, Any]) -> None:
         if self.json:
-            self._write(sys.stdout, json.dumps(ev, separators=(",", ":")))
+            self._line(json.dumps(ev, separators=(",", ":")))
 
     def line(self, text: str) -> None:
         if not self.json and not self.quiet:
-            self._write(sys.stdout, text)
+            self._line(text)
 
     def error(self, text: str) -> None:
         if self.json:
-            self._write(sys.stdout, json.dumps({"event": "error", "error": text},
-                                               separators=(",", ":")))
-        self._write(sys.stderr, f"puller: {text}")
+            self._line(json.dumps({"event": "error", "error": text}, separators=(",", ":")))
+        print(f"puller: {text}", file=sys.stderr)
 
 
 def _usage(out: _Out, message: str) -> int:
@@ -203,10 +196,11 @@ def _run(coro_fn: Callable[[], Any], out: _Out) -> int:
             loop.remove_signal_handler(signal.SIGTERM)
 
     try:
-        return uvloop.run(main()) if uvloop is not None else asyncio.run(main())
+        rc = uvloop.run(main()) if uvloop is not None else asyncio.run(main())
     except (KeyboardInterrupt, asyncio.CancelledError):
         out.error("interrupted")
         return EXIT_INTERRUPTED
+    return EXIT_FAILED if rc == EXIT_OK and out.output_failed else rc
 
 
 def _client_options(args: argparse.Namespace) -> Any:
@@ -567,8 +561,8 @@ def _mirror_command(args: argparse.Namespace) -> int:
                     out.line(f"would copy {ev['ref']} -> {ev['target']} {_short(ev['digest'])}")
                 elif kind == "image.failed":
                     if not out.json:
-                        out._write(sys.stderr,
-                                   f"puller: {ev['ref']} -> {ev['target']}: {ev['error']}")
+                        print(f"puller: {ev['ref']} -> {ev['target']}: {ev['error']}",
+                              file=sys.stderr)
                 elif kind == "rate.wait":
                     out.line(f"rate limit: {ev['remaining']} requests left on {ev['host']}; "
                              f"waiting {ev['seconds']}s")

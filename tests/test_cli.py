@@ -99,6 +99,69 @@ def test_json_events(image, store_dir):
     assert {e["digest"] for e in events if e["event"] == "blob.done"} == set(img.blobs())
 
 
+def run_into(stdout: int, *args: str, store: Path) -> subprocess.CompletedProcess:
+    """``puller ARGS --store STORE`` with its standard output on the file descriptor given."""
+    e = {k: v for k, v in os.environ.items() if k != "PULLER_STORE"}
+    return subprocess.run([sys.executable, "-m", "puller", *args, "--store", str(store)],
+                          stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=120, env=e)
+
+
+@pytest.mark.parametrize("mode", [[], ["-q"], ["--json"]])
+def test_output_to_a_full_disk_is_one_line_and_the_pull_completes(image, store_dir, mode):
+    ref, img = image
+    with open("/dev/full", "w") as full:
+        cold = run_into(full.fileno(), "pull", *mode, ref, store=store_dir)
+        warm = run_into(full.fileno(), "pull", *mode, ref, store=store_dir)
+    for r in (cold, warm):  # the engine's path and the already-current one
+        assert r.returncode == 1
+        assert r.stderr.splitlines() == \
+            ["puller: cannot write the output: No space left on device"], r.stderr
+    listed = run("images", "-q", store=store_dir)
+    assert listed.stdout.split() == [ref]  # the pull itself finished
+
+
+def test_a_reader_that_leaves_does_not_stop_the_pull(image, store_dir):
+    ref, img = image
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as `puller pull ... | head -0` would
+    try:
+        r = run_into(write_end, "pull", "--json", ref, store=store_dir)
+    finally:
+        os.close(write_end)
+    assert r.returncode == 0 and r.stderr == ""
+    assert run("images", "-q", store=store_dir).stdout.split() == [ref]
+
+
+def test_the_program_exits_without_teardown_only_when_nothing_else_runs(monkeypatch, capsys):
+    import atexit
+    import threading
+
+    import puller.cli as cli
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code: int) -> None:
+        raise Exited(code)
+
+    ran: list[str] = []
+    monkeypatch.setattr(cli, "main", lambda: print("output") or 3)
+    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: ran.append("atexit"))
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    # (This test process has threads of its own: the count is what run() is told.)
+    monkeypatch.setattr(threading, "active_count", lambda: 1)
+    with pytest.raises(Exited) as quick:
+        cli.run()
+    assert quick.value.args == (3,) and ran == ["atexit"]
+    assert capsys.readouterr().out == "output\n"  # flushed before leaving
+
+    # Another thread still at work: the usual exit, which waits for it.
+    monkeypatch.setattr(threading, "active_count", lambda: 2)
+    with pytest.raises(SystemExit) as usual:
+        cli.run()
+    assert usual.value.code == 3 and ran == ["atexit"]
+
+
 @pytest.mark.parametrize("bad, fragment", [
     ("UPPER/Case:tag", "lowercase"),
     ("alpine:-bad", "tag"),

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from urllib.parse import parse_qs
 
 import pytest
@@ -79,3 +82,17 @@ def test_copy_failures_are_one_line(registry, registry_factory, unique_repo):
     assert "Traceback" not in r.stderr
     r = run("copy", "--concurrency", "0", f"{registry.host}/a:1", f"{other.host}/x:1")
     assert r.returncode == 2
+
+
+def test_copy_with_its_output_on_a_full_disk_finishes_and_says_so(registry, registry_factory,
+                                                                  unique_repo, multi):
+    idx, _, _ = multi
+    other = registry_factory()
+    e = {k: v for k, v in os.environ.items() if k != "PULLER_STORE"}
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "puller", "copy", "--json",
+                            f"{registry.host}/{unique_repo}:2.0", f"{other.host}/full/app"],
+                           stdout=full, stderr=subprocess.PIPE, text=True, timeout=120, env=e)
+    assert r.returncode == 1
+    assert r.stderr.splitlines() == ["puller: cannot write the output: No space left on device"]
+    assert skopeo_raw(f"{other.host}/full/app:2.0") == idx.manifest
