@@ -1,7 +1,8 @@
 """The ``puller`` command line: a thin layer over :class:`puller.Puller`.
 
 Exit codes: 0 every image pulled and verified; 1 at least one image failed, or the
-output could not be written (see :mod:`puller.output`); 2 bad usage or input (a bad reference, platform or option); 130 interrupted.
+output could not be written (see :mod:`puller.output`); 2 bad usage or input (a bad
+reference, platform or option); 130 interrupted.
 Output is docker-style lines (with tqdm bars on a terminal), ``-q`` for just the
 pinned references, or ``--json`` for one event per line.
 """
