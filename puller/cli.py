@@ -18,7 +18,6 @@ import sys
 from typing import Any, NoReturn, Sequence, TextIO
 
 from . import __version__
-from .output import Output
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -165,7 +164,23 @@ def _network_options(args: argparse.Namespace, **kw: Any) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run one command; its exit code. Output that can't be written doesn't stop the
+    command, but makes a successful one exit 1 (:mod:`puller.output`)."""
+    from .output import guarded_stdout
+
+    with guarded_stdout() as out:
+        try:
+            rc = _command(list(sys.argv[1:] if argv is None else argv))
+        except SystemExit as exc:  # argparse's --help and --version end this way
+            if exc.code in (0, None):
+                out.flush()
+                if out.failed:
+                    raise SystemExit(EXIT_FAILED) from None
+            raise
+    return EXIT_FAILED if rc == EXIT_OK and out.failed else rc
+
+
+def _command(argv: list[str]) -> int:
     hot = bool(argv) and argv[0] == "pull" and not {"-h", "--help"} & set(argv)
     args = _build_parser(only_pull=hot).parse_args(argv)
     if args.command == "pull":
@@ -204,16 +219,11 @@ def run() -> NoReturn:
     run_exitfuncs = getattr(atexit, "_run_exitfuncs", None)
     if threading.active_count() > 1 or run_exitfuncs is None:
         sys.exit(rc)
-    for stream in (sys.stdout, sys.stderr):
+    for stream in (sys.stdout, sys.stderr):  # main() said if its output was lost
         try:
             stream.flush()
-        except BrokenPipeError:  # the reader went away; nothing more to tell it
+        except (OSError, ValueError):
             pass
-        except (OSError, ValueError) as exc:  # a full disk behind a redirect, say
-            if stream is sys.stdout:
-                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-                print(f"puller: cannot write the output: {why}", file=sys.stderr)
-                rc = rc or EXIT_FAILED
     run_exitfuncs()
     os._exit(rc)
 
@@ -222,10 +232,7 @@ def run() -> NoReturn:
 
 def _fail_usage(message: str, as_json: bool) -> int:
     if as_json:
-        try:
-            _json_line(sys.stdout, {"event": "error", "error": message, "error_type": "usage"})
-        except OSError:  # the line below still says it
-            pass
+        _json_line(sys.stdout, {"event": "error", "error": message, "error_type": "usage"})
     print(f"puller: {message}", file=sys.stderr)
     return EXIT_USAGE
 
@@ -287,7 +294,7 @@ def _pull_command(args: argparse.Namespace) -> int:
             view.event(_done(ref, result))
             view.done(ref, result)
         view.close()
-        return EXIT_FAILED if view.output_failed else EXIT_OK
+        return EXIT_OK
 
     try:
         import uvloop
@@ -323,7 +330,7 @@ def _pull_command(args: argparse.Namespace) -> int:
             else:
                 view.done(ref, r)
         view.close()
-        return EXIT_FAILED if failed or view.output_failed else EXIT_OK
+        return EXIT_FAILED if failed else EXIT_OK
 
     try:
         if uvloop is not None:
@@ -581,7 +588,7 @@ def _done(ref: Any, result: Any) -> Any:
                     up_to_date=True)
 
 
-class _View(Output):
+class _View:
     listens = False  # True where event() does something: else the engine builds none
 
     def event(self, ev: Any) -> None:
@@ -602,18 +609,17 @@ class _View(Output):
 
 class _QuietView(_View):
     def done(self, ref: Any, result: Any) -> None:
-        self._line(result.pinned)
+        print(result.pinned, flush=True)
 
 
 class _JsonView(_View):
     listens = True
 
     def event(self, ev: Any) -> None:
-        self._line(json.dumps(ev.to_json(), separators=(",", ":")))
+        _json_line(sys.stdout, ev.to_json())
 
     def fatal(self, message: str) -> None:
-        self._line(json.dumps({"event": "error", "error": message, "error_type": "store"},
-                              separators=(",", ":")))
+        _json_line(sys.stdout, {"event": "error", "error": message, "error_type": "store"})
         super().fatal(message)
 
 
@@ -652,9 +658,9 @@ class _TextView(_View):
 
     def _line(self, text: str) -> None:
         if self._tqdm is not None:  # above the bars
-            self._out(lambda: self._tqdm.write(text, file=sys.stdout))
+            self._tqdm.write(text, file=sys.stdout)
         else:
-            super()._line(text)
+            print(text, flush=True)
 
     def event(self, ev: Any) -> None:
         kind = ev.kind

@@ -32,7 +32,6 @@ from . import mediatypes
 from .digest import Digest
 from .errors import InvalidDigest, PullerError, StoreError
 from .manifest import MAX_MANIFEST_SIZE, Descriptor, ImageIndex, ImageManifest, parse_manifest
-from .output import discard_stdout
 from .platform import Platform, is_unknown, select
 from .reference import Reference
 from .store import ContentStore, default_store_path, partial_bytes
@@ -303,11 +302,7 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def _print(text: str) -> None:
-    try:
-        sys.stdout.write(text + "\n")
-        sys.stdout.flush()
-    except BrokenPipeError:
-        discard_stdout()
+    print(text, flush=True)
 
 
 def _json(obj: Any) -> None:

@@ -23,7 +23,6 @@ import signal
 import sys
 from typing import Any, Callable
 
-from .output import Output
 
 __all__ = ["add_parsers"]
 
@@ -141,22 +140,22 @@ def _size(text: str) -> int:
 
 # -- output ----------------------------------------------------------------------------------
 
-class _Out(Output):
+class _Out:
     def __init__(self, args: argparse.Namespace) -> None:
         self.json = bool(getattr(args, "json", False))
         self.quiet = bool(getattr(args, "quiet", False))
 
     def event(self, ev: dict[str, Any]) -> None:
         if self.json:
-            self._line(json.dumps(ev, separators=(",", ":")))
+            print(json.dumps(ev, separators=(",", ":")), flush=True)
 
     def line(self, text: str) -> None:
         if not self.json and not self.quiet:
-            self._line(text)
+            print(text, flush=True)
 
     def error(self, text: str) -> None:
         if self.json:
-            self._line(json.dumps({"event": "error", "error": text}, separators=(",", ":")))
+            print(json.dumps({"event": "error", "error": text}, separators=(",", ":")), flush=True)
         print(f"puller: {text}", file=sys.stderr)
 
 
@@ -196,11 +195,10 @@ def _run(coro_fn: Callable[[], Any], out: _Out) -> int:
             loop.remove_signal_handler(signal.SIGTERM)
 
     try:
-        rc = uvloop.run(main()) if uvloop is not None else asyncio.run(main())
+        return uvloop.run(main()) if uvloop is not None else asyncio.run(main())
     except (KeyboardInterrupt, asyncio.CancelledError):
         out.error("interrupted")
         return EXIT_INTERRUPTED
-    return EXIT_FAILED if rc == EXIT_OK and out.output_failed else rc
 
 
 def _client_options(args: argparse.Namespace) -> Any:

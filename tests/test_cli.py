@@ -118,6 +118,12 @@ def test_output_to_a_full_disk_is_one_line_and_the_pull_completes(image, store_d
             ["puller: cannot write the output: No space left on device"], r.stderr
     listed = run("images", "-q", store=store_dir)
     assert listed.stdout.split() == [ref]  # the pull itself finished
+    with open("/dev/full", "w") as full:  # every other command says it the same way
+        others = [run_into(full.fileno(), *args, store=store_dir)
+                  for args in (["images"], ["fsck", "--json"], ["du"], ["inspect", ref])]
+    for r in others:
+        assert (r.returncode, r.stderr) == \
+            (1, "puller: cannot write the output: No space left on device\n")
 
 
 def test_a_reader_that_leaves_does_not_stop_the_pull(image, store_dir):
