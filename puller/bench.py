@@ -62,7 +62,7 @@ class BenchReport:
             mbps = [r.mbps for r in rs]
             layers = [m for r in rs for m in r.layer_mbps]
             util = statistics.median(r.cpu / r.wall for r in rs if r.wall > 0) / self.cpus
-            row = {
+            row: dict[str, Any] = {
                 "concurrency": c,
                 "runs": len(rs),
                 "wall_p50": _pct(walls, 50), "wall_p95": _pct(walls, 95),

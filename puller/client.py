@@ -274,7 +274,7 @@ class RegistryClient:
         assert self._transport is not None
         return self._transport.classify(exc, host, what)
 
-    async def _error_for(self, resp: Any, host: str, what: str) -> PullerError:
+    async def _error_for(self, resp: Any, host: str, what: str) -> RegistryError:
         """Map an error status into an exception; reads a bounded part of the body."""
         try:
             body = await resp.content.read(_ERROR_BODY_LIMIT)
@@ -285,7 +285,7 @@ class RegistryClient:
                                  detail=detail)
 
     def status_error(self, status: int, headers: Any, host: str, what: str, *,
-                     code: str | None = None, detail: str | None = None) -> PullerError:
+                     code: str | None = None, detail: str | None = None) -> RegistryError:
         """The exception for an error ``status`` (``headers``: for Retry-After)."""
         reason = f": {detail[:200]}" if detail else ""
         kw: dict[str, Any] = {"status": status, "host": host, "code": code}

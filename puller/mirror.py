@@ -77,7 +77,8 @@ def _bounds(token: str) -> list[tuple[str, Version]]:
     op = op or "="
     wild = [p is None or p in "xX*" for p in (a, b, c)]
     nums = [0 if w else int(p) for w, p in zip(wild, (a, b, c), strict=True)]
-    pre_key = parse_version(f"0.0.0-{pre}").pre if pre else ()
+    parsed = parse_version(f"0.0.0-{pre}") if pre else None  # same characters: parses
+    pre_key = parsed.pre if parsed is not None else ()
     v = Version(nums[0], nums[1], nums[2], 0 if pre else 1, pre_key)
     low = Version(nums[0], nums[1], nums[2], 0, ())  # lowest possible, pre-releases included
 

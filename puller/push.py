@@ -590,7 +590,7 @@ class Transfer:
                 await in_thread(self._threads, run, handle)
                 return True
             except NotPlain as np:
-                from_source = getattr(np, "side", None) == "source"
+                from_source = np.side == "source"
                 challenged = np.status == 401 and np.headers is not None and \
                     np.headers.get("WWW-Authenticate")
                 if challenged and not refreshed:  # a token expired: earn a new one, again

@@ -45,11 +45,12 @@ class NotPlain(Exception):
     a 401 (a challenge) or an oddity to the full client."""
 
     def __init__(self, reason: str, status: int | None = None,
-                 headers: object = None, body: bytes = b"") -> None:
+                 headers: Any = None, body: bytes = b"") -> None:
         super().__init__(reason)
         self.status = status
         self.headers = headers
         self.body = body  # the start of an error body, where one was read
+        self.side: str | None = None  # in a copy, "source" when the source answered it
 
 
 class Cancelled(Exception):
