@@ -17,12 +17,12 @@ import hashlib
 import json
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from .errors import InvalidReference, PullerError
 from .platform import Platform
-from .reference import Reference
+from .reference import Reference, is_tag
 
 __all__ = ["TagFilter", "MirrorSource", "MirrorConfig", "ConfigError", "parse_source",
            "parse_target", "load_config", "filter_tags", "parse_version", "version_matches",
@@ -534,6 +534,17 @@ async def run_mirror(client: Any, transfer: Any, sources: list[MirrorSource],
             j.status, j.error = "failed", str(exc)
             failed_listing.append(j)
             return []
+        # A name in the tag list that isn't a tag would put '?', '#' or '/' into URLs
+        # and name some other manifest: never copied; a failure when the filters want it.
+        bad = [t for t in tags if not is_tag(t)]
+        if bad:
+            repo = s.ref.replace(tag=None, digest=None)
+            for t in filter_tags(bad, replace(s.tags, keep=None)):
+                j = Job(repo, dest(repo, s), s.platforms)
+                j.status = "failed"
+                j.error = f"the tag list of {repo} names {t[:80]!r}, which is not a valid tag"
+                failed_listing.append(j)
+            tags = [t for t in tags if is_tag(t)]
         out = []
         for t in filter_tags(tags, s.tags):
             ref = s.ref.replace(tag=t, digest=None)

@@ -34,6 +34,11 @@ _TAG = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)
 _IDENTIFIER = re.compile(r"[a-f0-9]{64}")
 
 
+def is_tag(s: object) -> bool:
+    """``s`` is a valid tag (docker's rule: ``[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}``)."""
+    return isinstance(s, str) and _TAG.fullmatch(s) is not None
+
+
 def _bad(s: str, problem: str) -> InvalidReference:
     return InvalidReference(f"invalid reference {_preview(s)}: {problem}")
 
@@ -45,6 +50,14 @@ class Reference(Record):
     repository: str
     tag: str | None
     digest: Digest | None
+
+    def __post_init__(self) -> None:
+        # Tags also come from registries (a repository's tag list, which a mirror copies
+        # from): one that isn't a tag would put '?', '#' or '/' into a URL and name some
+        # other manifest.
+        if self.tag is not None and not is_tag(self.tag):
+            raise InvalidReference(f"invalid tag format {_preview(self.tag)} "
+                                   f"for {self.registry}/{self.repository}")
 
     @classmethod
     def parse(cls, s: str) -> Reference:

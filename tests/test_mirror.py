@@ -30,6 +30,7 @@ from puller.mirror import (
     rate_delay,
     version_matches,
 )
+from puller.errors import InvalidReference
 from puller.reference import Reference
 from tests.support.images import build_image, build_index, push
 from tests.test_push import run, skopeo_raw, uploads
@@ -199,6 +200,40 @@ def test_failed_source_does_not_stop_the_rest(registry, registry_factory, unique
     assert "Traceback" not in r.stderr
     assert run("mirror", "--target", other.host).returncode == 2
     assert run("mirror", "--shard", "3/3", "--target", other.host, "x.io/a").returncode == 2
+
+
+def test_names_in_a_tag_list_that_are_not_tags_are_never_copied(registry, registry_factory,
+                                                                proxy, unique_repo):
+    images = seed_repos(registry, unique_repo, ["app"], ["1.0", "x", "latest"], seed=897)
+    repo = f"{unique_repo}/app"
+    # A source whose tag list names things that would become other tags' URLs.
+    listed = ["1.0", "x?y=1", "latest?z", "x#frag", "a/b", "../../up"]
+    proxy.status(200, path_regex=r"/tags/list$", times=None, method="GET",
+                 body=json.dumps({"name": repo, "tags": listed}).encode())
+    other = registry_factory()
+    r = run("mirror", "--target", f"{other.host}/m", f"{proxy.host}/{repo}")
+    assert r.returncode == 1
+    assert "1 copied, 0 skipped, 5 failed" in r.stdout
+    err = r.stderr.splitlines()
+    assert len(err) == 5 and all("is not a valid tag" in e for e in err), r.stderr
+    assert skopeo_raw(f"{other.host}/m/{repo}:1.0") == images[(repo, "1.0")].manifest
+    for tag in ("x", "latest"):  # what the bad names would have overwritten
+        gone = subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--raw",
+                               f"docker://{other.host}/m/{repo}:{tag}"],
+                              capture_output=True, timeout=60)
+        assert gone.returncode != 0
+    # Filters apply first: a name they leave out is not reported.
+    r = run("mirror", "--include", "^1", "--target", f"{other.host}/m2", f"{proxy.host}/{repo}")
+    assert r.returncode == 0, r.stderr
+    assert "1 copied, 0 skipped, 0 failed" in r.stdout
+
+
+def test_a_reference_never_holds_a_tag_that_is_not_one():
+    ref = Reference.parse("example.com/app:1")
+    for bad in ("x?y", "a/b", "", ".hidden", "x" * 129, "x#y"):
+        with pytest.raises(InvalidReference):
+            ref.replace(tag=bad)
+    assert ref.replace(tag="v2.0_rc-1").tag == "v2.0_rc-1"
 
 
 def test_shards_in_parallel_cover_everything_once(registry, registry_factory, fault_proxy,
