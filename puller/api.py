@@ -291,8 +291,11 @@ class Puller:
         if digest is not None and self.store.has(digest):
             data = await self._run(lambda: self.store.read(digest, max_size=MAX_MANIFEST_SIZE))
             media_type = expect.media_type if expect is not None else None
-            return FetchedManifest(data=data, media_type=media_type, digest=digest)
-        fetched = await self._client.get_manifest(ref, str(digest) if digest else None)
+            fetched = FetchedManifest(data=data, media_type=media_type, digest=digest)
+        else:
+            fetched = await self._client.get_manifest(ref, str(digest) if digest else None)
+        # A digest names exactly one content, and so one size: an index that gives another
+        # is wrong, wherever the manifest came from.
         if expect is not None and len(fetched.data) != expect.size:
             raise SizeMismatch(f"manifest {expect.digest} of {ref.name} is "
                                f"{len(fetched.data)} bytes, the index says {expect.size}")

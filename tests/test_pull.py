@@ -11,8 +11,10 @@ import pytest
 
 from puller import Platform, Puller, PullOptions
 from puller.client import ClientOptions
-from puller.errors import DigestMismatch, NoMatchingPlatform, NotFound, PullerError
-from tests.support.images import build_image, build_index, hello_world_amd64, push
+from puller.errors import (DigestMismatch, NoMatchingPlatform, NotFound, PullerError,
+                           SizeMismatch)
+from tests.support.images import (RawManifest, build_image, build_index, hello_world_amd64,
+                                  push)
 
 FAST_RETRY = ClientOptions(backoff_base=0.01, backoff_max=0.05, retries=3)
 
@@ -137,6 +139,24 @@ async def test_index_platform_selection_and_attestations(registry, unique_repo, 
 
     with pytest.raises(NoMatchingPlatform, match="linux/s390x"):
         await pull(store_dir, ref, platform=Platform.parse("linux/s390x"))
+
+
+async def test_index_child_of_the_wrong_size_is_refused(registry, unique_repo, store_dir):
+    amd = build_image(seed=26, layer_sizes=[1000], platform=("linux", "amd64", None))
+    good = build_index([amd], attestations=False)
+    doc = json.loads(good.manifest)
+    doc["manifests"][0]["size"] += 1  # the right digest, the wrong size
+    bad = RawManifest(manifest=json.dumps(doc).encode(), media_type=good.media_type,
+                      children=[amd])
+    push(registry.url, unique_repo, "bad", bad)
+    ref = f"{registry.host}/{unique_repo}:bad"
+    with pytest.raises(SizeMismatch, match="the index says"):
+        await pull(store_dir, ref, platform=Platform.parse("linux/amd64"))
+    # Nor when the child is already in the store (pulled by digest on its own).
+    await pull(store_dir, f"{registry.host}/{unique_repo}@{amd.digest}")
+    with pytest.raises(SizeMismatch, match="the index says"):
+        await pull(store_dir, ref, platform=Platform.parse("linux/amd64"))
+    assert ref not in index_entries(store_dir)
 
 
 async def test_manifest_list_arm_variant_fallback(registry, unique_repo, store_dir):
