@@ -20,6 +20,7 @@ from typing import Any, NoReturn, Sequence, TextIO
 from . import __version__
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+MAX_SECONDS = 7 * 24 * 3600  # the longest timeout or wait an option takes: a week
 
 
 class _Parser(argparse.ArgumentParser):
@@ -265,8 +266,11 @@ def _pull_command(args: argparse.Namespace) -> int:
         return _fail_usage("--segments must be between 1 and 64", args.json)
     if args.segment_min < 1:
         return _fail_usage("--segment-min must be at least 1 (MiB)", args.json)
-    if args.retries < 0 or args.stall_timeout <= 0:
-        return _fail_usage("--retries must be >= 0 and --stall-timeout > 0", args.json)
+    if args.retries < 0:
+        return _fail_usage("--retries must be >= 0", args.json)
+    if not 0 < args.stall_timeout <= MAX_SECONDS:  # (also false for nan)
+        return _fail_usage(f"--stall-timeout must be more than 0 and at most {MAX_SECONDS} "
+                           "seconds", args.json)
     try:
         client_options = _network_options(
             args, retries=args.retries, stall_timeout=args.stall_timeout,
