@@ -332,15 +332,10 @@ class RegistryClient:
         """Ask the challenge's realm for a token: anonymously, with the saved user and
         password (Basic, to the realm only), or by OAuth refresh with an identity token."""
         host = ref.api_host
+        self._check_realm(host, challenge)
         realm = challenge.realm
-        parts = urlsplit(realm or "")
-        if not realm or parts.scheme not in ("http", "https") or not parts.hostname:
-            raise AuthenticationRequired(f"{host} sent a Bearer challenge without a usable realm",
-                                         host=host)
-        if parts.scheme == "http" and not self._relaxed(host):
-            raise AuthenticationRequired(f"{host} asks for credentials to be sent to a plain "
-                                         f"HTTP token service ({parts.netloc}); refusing",
-                                         host=host)
+        assert realm is not None
+        parts = urlsplit(realm)
         service = challenge.params.get("service", "")
         creds = await self._creds(ref.registry)
         realm_host = parts.netloc
@@ -435,6 +430,18 @@ class RegistryClient:
             headers={"User-Agent": self.options.user_agent, **auth},
             ssl_for=self._ssl_for, timeout=self.options.stall_timeout)
 
+    def _check_realm(self, host: str, challenge: Challenge) -> None:
+        """Raise if a Bearer ``challenge`` names no token service puller would ask."""
+        realm = challenge.realm
+        parts = urlsplit(realm or "")
+        if not realm or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise AuthenticationRequired(f"{host} sent a Bearer challenge without a usable realm",
+                                         host=host)
+        if parts.scheme == "http" and not self._relaxed(host):
+            raise AuthenticationRequired(f"{host} asks for credentials to be sent to a plain "
+                                         f"HTTP token service ({parts.netloc}); refusing",
+                                         host=host)
+
     async def _answer_challenge(self, ref: Reference, resp: Any,
                                 sent: dict[str, str], scope: str) -> bool:
         """After a 401: learn what the registry wants. True when a retry can succeed."""
@@ -442,6 +449,9 @@ class RegistryClient:
         challenges = parse_challenges(resp.headers.get("WWW-Authenticate", ""))
         bearer = next((c for c in challenges if c.scheme == "bearer"), None)
         if bearer is not None:
+            # Checked before it is kept: the challenge is remembered for the whole host,
+            # and one repository's unusable one must not fail every other's requests.
+            self._check_realm(host, bearer)
             self._challenges[host] = bearer
             # The token we sent was refused (expired, revoked): drop it, unless a
             # concurrent request has already replaced it, and ask again.
@@ -528,7 +538,12 @@ class RegistryClient:
                 self._schemes.setdefault(host, scheme)
                 if resp.status == 401 and auth_round == 0:
                     auth_round = 1
-                    if await self._answer_challenge(ref, resp, auth, scope):
+                    try:
+                        again = await self._answer_challenge(ref, resp, auth, scope)
+                    except BaseException:
+                        resp.release()
+                        raise
+                    if again:
                         resp.release()
                         continue
                 if probing is not None:  # settled: the requests waiting on it may go

@@ -329,6 +329,23 @@ async def test_basic_credentials_refused_is_clear(registry_factory, unique_repo)
     assert "nope" not in str(info.value)
 
 
+async def test_one_repositorys_unusable_challenge_fails_only_that_repository(
+        registry, proxy, unique_repo):
+    img = build_image(seed=57, layer_sizes=[1_500])
+    push(registry.url, f"{unique_repo}/open", "t", img)
+    push(registry.url, f"{unique_repo}/odd", "t", img)
+    proxy.status(401, path_regex=f"/v2/{unique_repo}/odd/", times=None,
+                 headers={"WWW-Authenticate": 'Bearer service="nowhere"'})  # no realm
+    odd = Reference.parse(f"{proxy.host}/{unique_repo}/odd:t")
+    fine = Reference.parse(f"{proxy.host}/{unique_repo}/open:t")
+    async with RegistryClient(ClientOptions(retries=0), credentials=None) as client:
+        assert str((await client.get_manifest(fine)).digest) == img.digest
+        for _ in range(2):
+            with pytest.raises(AuthenticationRequired, match="without a usable realm"):
+                await client.get_manifest(odd)
+            assert str((await client.get_manifest(fine)).digest) == img.digest
+
+
 class _RedirectingFront:
     """In front of a registry: blob GETs are answered with a 307 to a "CDN" on another
     port (another origin); the CDN records whether it saw an Authorization header."""
