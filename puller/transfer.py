@@ -338,7 +338,7 @@ async def _store_top(store: Any, entry: dict[str, Any], provider: Any, platform:
     from .digest import Digest
     from .errors import PullerError
     from .manifest import ImageIndex, parse_manifest
-    from .platform import Platform, select
+    from .platform import select
 
     try:
         top = Digest.parse(entry.get("digest", ""))
@@ -354,13 +354,20 @@ async def _store_top(store: Any, entry: dict[str, Any], provider: Any, platform:
     present = [c for c in parsed.images() if store.has(c.digest)]
     if not present:
         raise PullerError(f"{name}: the store has none of the images of its index")
-    if platform is not None or len(present) > 1:
-        choice = select([(c.platform, c) for c in present], platform or Platform.host())
+    have = f"the store has {len(parsed.manifests) - len(missing)} of the index's " \
+        f"{len(parsed.manifests)} manifests (a pull never fetches attestations)"
+    if platform is None and len(present) > 1:
+        # Several platforms were pulled, so the index is wanted; one image pushed in its
+        # place would quietly make a multi-platform tag single-platform at the target.
+        raise PullerError(f"{name}: {have}, so the index can't be pushed as it is: push one "
+                          "image with --platform, or copy the whole index from its registry "
+                          "with `puller copy`")
+    if platform is not None:
+        choice = select([(c.platform, c) for c in present], platform)
     else:
         choice = present[0]
     lines.append(f"Pushing only {choice.platform or 'the image'} ({_short(str(choice.digest))}):"
-                 f" the store lacks {len(missing)} of the index's {len(parsed.manifests)} "
-                 "manifests (pull with --all-platforms to push more)")
+                 f" {have}; `puller copy` copies a whole index from its registry")
     child, child_type = await provider.manifest(choice.digest, choice.media_type)
     return child, child_type or choice.media_type
 

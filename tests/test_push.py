@@ -164,6 +164,35 @@ def test_push_index_with_every_platform_and_fallback_to_one(registry, registry_f
     assert skopeo_raw(f"{other.host}/all@{arm.digest}") == arm.manifest
 
 
+def test_push_of_an_index_the_store_holds_in_part(registry, registry_factory, unique_repo,
+                                                 store_dir):
+    amd = build_image(seed=606, layer_sizes=[10_000])
+    arm = build_image(seed=607, layer_sizes=[11_000], platform=("linux", "arm64", "v8"))
+    idx = build_index([amd, arm])  # with attestation manifests, which a pull never fetches
+    push(registry.url, unique_repo, "att", idx)
+    src = f"{registry.host}/{unique_repo}:att"
+    other = registry_factory()
+    assert run("pull", "-q", "--all-platforms", "--store", str(store_dir), src).returncode == 0
+    assert run("tag", "--store", str(store_dir), src, f"{other.host}/part:t").returncode == 0
+    # Both platforms pulled: pushing one of them under the tag would drop the other.
+    r = run("push", "--store", str(store_dir), f"{other.host}/part:t")
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "has 2 of the index's 4 manifests" in r.stderr
+    assert "--platform" in r.stderr and "puller copy" in r.stderr
+    gone = subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--raw",
+                           f"docker://{other.host}/part:t"], capture_output=True, timeout=60)
+    assert gone.returncode != 0  # nothing was pushed under the tag
+    # One image, asked for by platform: pushed, with a note saying what was left out.
+    r = run("push", "--platform", "linux/arm64", "--store", str(store_dir),
+            f"{other.host}/part:t")
+    assert r.returncode == 0, r.stderr
+    assert "Pushing only linux/arm64" in r.stdout and "puller copy" in r.stdout
+    assert skopeo_raw(f"{other.host}/part:t") == arm.manifest
+    # The whole index, as the hint says.
+    assert run("copy", src, f"{other.host}/whole:t").returncode == 0
+    assert skopeo_raw(f"{other.host}/whole:t") == idx.manifest
+
+
 def test_push_and_tag_errors_are_one_line(registry, store_dir, tmp_path: Path):
     r = run("push", "--store", str(store_dir), f"{registry.host}/not/pulled:1")
     assert r.returncode == 1
