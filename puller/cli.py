@@ -184,6 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _command(argv: list[str]) -> int:
     hot = bool(argv) and argv[0] == "pull" and not {"-h", "--help"} & set(argv)
     args = _build_parser(only_pull=hot).parse_args(argv)
+    if getattr(args, "store", None) == "":  # would be the current directory
+        return _fail_usage("--store: an empty path (leave the option out for the default "
+                           "store)", bool(getattr(args, "json", False)))
     if args.command == "pull":
         return _pull_command(args)
     if args.command == "login":

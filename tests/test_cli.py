@@ -211,6 +211,17 @@ def test_bad_platform_and_options(image, store_dir):
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_an_empty_store_path_is_refused(image, tmp_path):
+    ref, _ = image
+    for args in (["pull", "-q", ref], ["images"], ["gc"], ["fsck"], ["du"]):
+        r = subprocess.run([sys.executable, "-m", "puller", *args, "--store", ""],
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert r.returncode == 2, (args, r.stderr)
+        assert r.stderr.startswith("puller: --store: an empty path") and \
+            r.stderr.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []  # nothing made in the current directory
+
+
 def test_store_from_environment(image, tmp_path):
     ref, img = image
     store = tmp_path / "env-store"
