@@ -14,6 +14,7 @@ deduplication.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,8 @@ from typing import Any, Iterable
 from . import mediatypes
 from .client import DEFAULT_CREDENTIALS, ClientOptions, FetchedManifest, RegistryClient
 from .digest import Digest
-from .errors import ManifestError, PullerError, SizeMismatch, UnsupportedManifest
+from .errors import (ManifestError, NoMatchingPlatform, PullerError, SizeMismatch,
+                     UnsupportedManifest)
 from .events import BlobDone, BlobQueued, Event, Listener, ManifestResolved, PullDone, \
     PullFailed, PullStarted
 from .manifest import MAX_MANIFEST_SIZE, Descriptor, ImageIndex, ImageManifest, parse_manifest
@@ -250,6 +252,21 @@ class Puller:
         except PullerError:
             return None
 
+    def _check_platform(self, ref: Reference, m: ImageManifest, want: Platform) -> None:
+        """Raise NoMatchingPlatform unless the stored config of ``m`` says it runs on
+        ``want``; a config that names no platform (an artifact's) is let be."""
+        try:
+            doc = json.loads(self.store.read(m.config.digest, max_size=MAX_MANIFEST_SIZE))
+            have = Platform.from_json({k: doc[k] for k in ("os", "architecture", "variant")
+                                       if k in doc})
+        except (ValueError, TypeError, KeyError, PullerError):
+            return
+        try:
+            select([(have, True)], want)
+        except NoMatchingPlatform:
+            raise NoMatchingPlatform(f"{ref} is an image for {have} only, not for {want}"
+                                     ) from None
+
     def _complete(self, ref: Reference, name: str, digest: Digest, want: Platform | None,
                   all_platforms: bool) -> PullResult | None:
         """A PullResult for ``digest`` if the store holds all it needs, else None."""
@@ -260,6 +277,8 @@ class Puller:
             pairs: list[tuple[Descriptor | None, Digest]] = [
                 (d, d.digest) for d in self._choose(ref, top, want, all_platforms)]
         else:
+            if want is not None:
+                self._check_platform(ref, top, want)
             pairs = [(None, digest)]
         images = []
         seen: set[Digest] = set()
@@ -363,7 +382,16 @@ class Puller:
         if self._listener is not None:
             for b, role in unique.values():
                 self._emit(BlobQueued(ref=name, digest=str(b.digest), size=b.size, role=role))
-        results = await _gather_all(*(self._fetch(ref, name, b) for b, _ in unique.values()))
+        rest = [b for b, _ in unique.values()]
+        results: list[tuple[str, int]] = []
+        if want is not None and isinstance(parsed, ImageManifest) and \
+                parsed.config.media_type in mediatypes.CONFIGS:
+            # Asked for a platform, a single-platform image must be for it (docker's rule):
+            # its config says, so it comes first, and no layer is fetched for nothing.
+            results.append(await self._fetch(ref, name, parsed.config))
+            await self._run(self._check_platform, ref, parsed, want)
+            rest = [b for b in rest if b.digest != parsed.config.digest]
+        results += await _gather_all(*(self._fetch(ref, name, b) for b in rest))
 
         fetched_count = sum(1 for status, _ in results if status == "downloaded")
         reused = len(results) - fetched_count

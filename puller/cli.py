@@ -258,7 +258,9 @@ def _pull_command(args: argparse.Namespace) -> int:
         except PullerError as exc:
             return _fail_usage(str(exc), args.json)
     platform = None
-    if args.platform:
+    if args.platform is not None:
+        if args.all_platforms:
+            return _fail_usage("--platform and --all-platforms exclude each other", args.json)
         try:
             platform = Platform.parse(args.platform)
         except PullerError as exc:
@@ -468,7 +470,9 @@ def _bench_command(args: argparse.Namespace) -> int:
 
     try:
         ref = str(Reference.parse(args.ref))
-        platform = Platform.parse(args.platform) if args.platform else None
+        platform = Platform.parse(args.platform) if args.platform is not None else None
+        if platform is not None and args.all_platforms:
+            raise ValueError("--platform and --all-platforms exclude each other")
         concurrencies = [int(x) for x in args.concurrency.split(",") if x.strip()]
         if not concurrencies or not all(1 <= c <= 256 for c in concurrencies):
             raise ValueError("--concurrency wants numbers between 1 and 256, e.g. 1,4,16")

@@ -203,7 +203,8 @@ def test_bad_platform_and_options(image, store_dir):
     ref, _ = image
     for args in (["--platform", "linux"], ["--platform", "a/b/c/d"], ["-c", "0"],
                  ["--stall-timeout", "nan"], ["--stall-timeout", "inf"],
-                 ["--stall-timeout", "1e12"], ["--stall-timeout", "0"], ["--retries", "-1"]):
+                 ["--stall-timeout", "1e12"], ["--stall-timeout", "0"], ["--retries", "-1"],
+                 ["--platform", ""], ["--platform", "linux/arm64", "--all-platforms"]):
         r = run("pull", *args, ref, store=store_dir)
         if args == ["--platform", "linux"]:
             continue  # "linux" alone means linux on this host's architecture

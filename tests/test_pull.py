@@ -159,6 +159,25 @@ async def test_index_child_of_the_wrong_size_is_refused(registry, unique_repo, s
     assert ref not in index_entries(store_dir)
 
 
+async def test_a_single_platform_image_must_be_for_the_platform_asked(registry, unique_repo,
+                                                                     store_dir):
+    arm = build_image(seed=27, layer_sizes=[1000, 1200], platform=("linux", "arm64", "v8"))
+    push(registry.url, unique_repo, "arm", arm)
+    ref = f"{registry.host}/{unique_repo}:arm"
+    with pytest.raises(NoMatchingPlatform, match="for linux/arm64/v8 only, not for linux/amd64"):
+        await pull(store_dir, ref, platform=Platform.parse("linux/amd64"))
+    blobs = blob_files(store_dir)
+    assert not any(d in blobs for d in arm.layer_digests)  # no layer fetched for nothing
+    assert not (store_dir / "index.json").exists() or ref not in index_entries(store_dir)
+    r = await pull(store_dir, ref, platform=Platform.parse("linux/arm64"))
+    assert r.digest == arm.digest
+    r = await pull(store_dir, ref)  # no platform asked: the image as it is
+    assert r.digest == arm.digest
+    # Already in the store, asked again for the wrong platform: still refused.
+    with pytest.raises(NoMatchingPlatform):
+        await pull(store_dir, ref, platform=Platform.parse("linux/amd64"))
+
+
 async def test_manifest_list_arm_variant_fallback(registry, unique_repo, store_dir):
     v5 = build_image(seed=19, layer_sizes=[900], platform=("linux", "arm", "v5"), fmt="docker")
     v6 = build_image(seed=20, layer_sizes=[900], platform=("linux", "arm", "v6"), fmt="docker")
