@@ -238,10 +238,15 @@ def _decode(data: bytes) -> dict[str, Any]:
     def no_constants(name: str) -> None:
         raise ValueError(f"{name} is not valid JSON")
 
+    def bounded_int(text: str) -> int:  # no size or count needs more than 20 digits
+        if len(text.lstrip("-")) > 20:
+            raise ValueError(f"the number {text[:12]}... ({len(text)} digits) is too large")
+        return int(text)
+
     try:
         # Strict UTF-8: json.loads(bytes) would also guess UTF-16/32, which no registry sends.
         doc = json.loads(bytes(data).decode("utf-8"), object_pairs_hook=pairs_hook,
-                         parse_constant=no_constants)
+                         parse_constant=no_constants, parse_int=bounded_int)
     except RecursionError:
         raise ManifestError("malformed manifest JSON: nested too deeply") from None
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors

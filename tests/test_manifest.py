@@ -415,7 +415,9 @@ HOSTILE = [
     (raw(image()).replace(b'"size": 1', b'"size": NaN', 1), ManifestError, "NaN"),
     (raw(image()).replace(b'"size": 1', b'"size": 1e400', 1), ManifestError, "size"),
     (raw(image()).replace(b'"size": 1', b'"size": ' + b"9" * 5000, 1), ManifestError,
-     "malformed"),
+     "(5000 digits) is too large"),
+    (raw(image()).replace(b'"size": 1', b'"size": ' + b"9" * 21, 1), ManifestError,
+     "too large"),
 ]
 
 
