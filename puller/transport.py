@@ -96,6 +96,8 @@ def describe_network_error(exc: BaseException, host: str, what: str) -> PullerEr
     if isinstance(exc, OSError):
         return TransportError(f"cannot connect to {host} while {what}: "
                               f"{exc.strerror or type(exc).__name__}")
+    if isinstance(exc, _InvalidLength):
+        return TransportError(f"{host} sent {exc} while {what}")
     return TransportError(f"network error talking to {host} while {what}: "
                           f"{type(exc).__name__}")
 
@@ -159,7 +161,10 @@ class ConnectionPool:
             (self.new(parts, ssl_context), False)
         while True:
             try:
-                return conn, start(conn)
+                answer = start(conn)
+                if isinstance(answer, http.client.HTTPResponse):
+                    _check_length(answer)
+                return conn, answer
             except (OSError, http.client.HTTPException):
                 conn.close()
                 if not reused or not retry():
@@ -235,6 +240,20 @@ async def _abort_on_cancel(holder: dict[str, Any], work: Any) -> Any:
             except OSError:
                 pass
         raise
+
+
+def _check_length(resp: http.client.HTTPResponse) -> None:
+    """A Content-Length that is not a count of bytes (``-5``, ``12abc``) is an error now:
+    ``http.client`` would read such a body until the server hangs up, which a server
+    keeping the connection open never does (the read then waits out the stall timeout)."""
+    raw = resp.getheader("Content-Length")
+    if raw is not None and not resp.chunked and not raw.strip().isdigit():
+        resp.close()
+        raise _InvalidLength(f"an invalid Content-Length ({raw[:20]!r})")
+
+
+class _InvalidLength(http.client.HTTPException):
+    pass
 
 
 class _Response:

@@ -10,14 +10,18 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from puller.transport import ConnectionPool, ThreadedTransport
+from puller.transport import ConnectionPool, ThreadedTransport, describe_network_error
 
 
 class _HangUpServer:
     """Answers one request per connection (keep-alive, as far as the client can tell)
     and then closes it: every idle connection a client keeps has gone stale."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: bytes = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                 hold: bool = False) -> None:
+        self.answer = answer
+        self.hold = hold  # keep the connection open after answering, until close()
+        self.held: list[socket.socket] = []
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.accepted = 0
         self.answered = 0
@@ -35,20 +39,25 @@ class _HangUpServer:
             except OSError:
                 return
             self.accepted += 1
-            with conn:
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    chunk = conn.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
-                if data:
-                    self.answered += 1  # before the client can see the answer
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            if data:
+                self.answered += 1  # before the client can see the answer
+                conn.sendall(self.answer)
+            if self.hold:
+                self.held.append(conn)
+            else:
+                conn.close()
 
     def close(self) -> None:
         self._stop = True
         self.sock.close()
+        for conn in self.held:
+            conn.close()
 
 
 @pytest.fixture
@@ -108,3 +117,21 @@ async def test_the_threaded_transport_goes_on_after_a_hang_up(server) -> None:
     finally:
         await transport.close()
     assert server.answered == 3
+
+
+@pytest.mark.parametrize("length", [b"-5", b"12abc", b""])
+async def test_a_content_length_that_is_not_a_count_of_bytes_fails_at_once(length) -> None:
+    # Before, http.client read such a body until the server hung up, which this one
+    # never does: the request sat out the whole stall timeout.
+    server = _HangUpServer(b"HTTP/1.1 200 OK\r\nContent-Length: " + length + b"\r\n\r\nabc",
+                           hold=True)
+    transport = ThreadedTransport(timeout=60)
+    try:
+        with pytest.raises(http.client.HTTPException) as info:
+            await transport.request("GET", server.url, headers={}, ssl_context=None)
+    finally:
+        await transport.close()
+        server.close()
+    err = describe_network_error(info.value, "registry.test", "fetching blob x")
+    assert str(err) == (f"registry.test sent an invalid Content-Length ({length.decode()!r}) "
+                        "while fetching blob x")
