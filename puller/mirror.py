@@ -297,9 +297,21 @@ def load_config(text: str, name: str = "mirror config") -> MirrorConfig:
     """
     doc: Any
     stripped = text.lstrip()
+    # A key given twice is a mistake in the file (which one was meant?), not a choice
+    # for the parser to make silently.
     if stripped.startswith("{"):
+        def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for key, value in pairs:
+                if key in out:
+                    raise ConfigError(f"{name}: key {key!r} is given twice")
+                out[key] = value
+            return out
+
         try:
-            doc = json.loads(text)
+            doc = json.loads(text, object_pairs_hook=unique)
+        except ConfigError:
+            raise
         except ValueError as exc:
             raise ConfigError(f"{name}: invalid JSON: {exc}") from None
     else:
@@ -308,8 +320,23 @@ def load_config(text: str, name: str = "mirror config") -> MirrorConfig:
         except ImportError:
             raise ConfigError(f"{name}: reading YAML needs PyYAML (pip install pyyaml); "
                               "or write the config as JSON") from None
+
+        class _Loader(yaml.SafeLoader):
+            def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+                seen: set[Any] = set()
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge" or \
+                            not isinstance(key_node, yaml.ScalarNode):
+                        continue  # '<<' merges may be overridden; other keys: the parser's
+                    key = self.construct_object(key_node)
+                    if key in seen:
+                        raise ConfigError(f"{name}: key {key!r} is given twice (line "
+                                          f"{key_node.start_mark.line + 1})")
+                    seen.add(key)
+                return super().construct_mapping(node, deep=deep)
+
         try:
-            doc = yaml.safe_load(text)
+            doc = yaml.load(text, Loader=_Loader)  # a SafeLoader: no arbitrary objects
         except yaml.YAMLError as exc:
             detail = " ".join(str(exc).split())
             raise ConfigError(f"{name}: invalid YAML: {detail[:200]}") from None

@@ -342,6 +342,15 @@ sources:
                 "sources: [{source: a.io/b, tags: {keep: 0}}]", "- [unbalanced"):
         with pytest.raises(ConfigError):
             load_config(bad)
+    # A key given twice: which one was meant? Refused, not left to the parser.
+    for bad, key in (("target: a.io\ntarget: b.io\nsources: [a.io/b]", "'target'"),
+                     ("sources: [{source: a.io/b, tags: {keep: 1, keep: 2}}]", "'keep'"),
+                     ('{"sources": ["a.io/b"], "sources": []}', "'sources'")):
+        with pytest.raises(ConfigError, match=f"key {key} is given twice"):
+            load_config(bad)
+    merged = load_config("sources:\n  - source: a.io/b\n    tags: &t {keep: 2}\n"
+                         "  - source: a.io/c\n    tags: {<<: *t, keep: 3}\n")
+    assert [x.tags.keep for x in merged.sources] == [2, 3]  # a merge may be overridden
 
 
 def test_shards():
