@@ -23,7 +23,7 @@ import re
 import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable, NamedTuple, TypeVar
-from urllib.parse import urlencode, urljoin, urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from . import __version__
 from .auth import Challenge, Token, parse_challenges, parse_token_response, pull_scope
@@ -47,7 +47,7 @@ from .mediatypes import ACCEPT
 from .record import Record
 from .reference import Reference
 from .tls import is_loopback_host, make_ssl_context
-from .transport import Transport, proxy_configured
+from .transport import Transport, proxy_configured, redirect_target, unusable_redirect
 
 __all__ = ["ClientOptions", "RegistryClient", "FetchedManifest", "BlobStream", "retry_delay",
            "RangeNotHonoured", "DEFAULT_CREDENTIALS"]
@@ -517,9 +517,13 @@ class RegistryClient:
                                                              ssl_context=ssl_ctx, data=data)
                         if resp.status in (301, 302, 303, 307, 308) and \
                                 "Location" in resp.headers:
-                            target = urljoin(target, resp.headers["Location"])
+                            location = resp.headers["Location"]
                             resp.release()
                             resp = None
+                            followed = redirect_target(target, location)
+                            if followed is None:
+                                raise unusable_redirect(host, location, what)
+                            target = followed
                             continue
                         break
                     else:

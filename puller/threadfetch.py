@@ -23,13 +23,13 @@ import socket
 import threading
 from functools import partial
 from typing import Any, Callable
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
 from .client import BlobRequest
 from .errors import SizeMismatch
 from .fsutil import thread_buffer
 from .store import BlobWriter
-from .transport import ConnectionPool, describe_network_error
+from .transport import ConnectionPool, describe_network_error, redirect_target
 
 __all__ = ["NotPlain", "Cancelled", "Handle", "fetch_into", "fetch_range", "in_thread",
            "open_get", "read_into", "done_with"]
@@ -191,7 +191,10 @@ def open_get(req: BlobRequest, offset: int, size: int, *, handle: Handle,
             raise
         try:
             if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
-                url = urljoin(url, resp.getheader("Location"))
+                followed = redirect_target(url, resp.getheader("Location"))
+                if followed is None:  # the registry client says why
+                    raise NotPlain("unusable redirect")
+                url = followed
                 handle.attach(None)
                 conn.close()
                 continue

@@ -28,14 +28,14 @@ import hashlib
 import http.client
 import os
 from typing import Any, Callable, Protocol
-from urllib.parse import urlencode, urljoin, urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from .client import BlobRequest, upload_range
 from .digest import Digest
 from .errors import DigestMismatch, PullerError, TransportError
 from .fsutil import thread_buffer
 from .threadfetch import Cancelled, Handle, NotPlain, done_with, open_get, read_into
-from .transport import ConnectionPool, describe_network_error
+from .transport import ConnectionPool, describe_network_error, redirect_target, unusable_redirect
 
 __all__ = ["Reader", "FileReader", "RegistryReader", "Interrupted", "send_blob"]
 
@@ -153,7 +153,10 @@ def _send_chunks(up: BlobRequest, source: Reader, view: memoryview, hasher: Any,
                              expect=(202,), start=sent)
         nxt = resp_headers.get("Location")
         if nxt:
-            location = where[0] = urljoin(location, nxt)
+            followed = redirect_target(location, nxt)
+            if followed is None:
+                raise unusable_redirect(urlsplit(up.url).netloc, nxt, what)
+            location = where[0] = followed
         held = upload_range(resp_headers.get("Range"))
         if held is not None and held != sent + n:
             raise TransportError(f"{urlsplit(up.url).netloc} holds {held} bytes of {digest} "

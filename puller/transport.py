@@ -29,9 +29,9 @@ import socket
 import ssl
 import threading
 from typing import Any, Callable, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
-from .errors import PullerError, TransportError
+from .errors import PullerError, RegistryError, TransportError
 
 _T = TypeVar("_T")
 
@@ -40,6 +40,25 @@ __all__ = ["Transport", "ThreadedTransport", "ConnectionPool", "describe_network
 
 _PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY",
                "ALL_PROXY")
+
+
+def redirect_target(base: str, location: str) -> str | None:
+    """The URL a redirect from ``base`` to ``location`` leads to, or None when it is not
+    one puller follows (not http or https, or no host: ``file:///etc``, ``http:///x``)."""
+    # An absolute Location stands on its own (urljoin would lend "http:///x" the base's
+    # host); a relative one is resolved against the URL that was redirected.
+    url = location if urlsplit(location).scheme else urljoin(base, location)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    return parts.geturl()  # the scheme in lower case
+
+
+def unusable_redirect(host: str, location: str, what: str) -> PullerError:
+    """The error for a redirect :func:`redirect_target` won't follow."""
+    shown = " ".join(location.split())[:80]
+    return RegistryError(f"{host} redirected to {shown!r}, which is not an HTTP(S) URL, "
+                         f"while {what}", host=host)
 
 
 def proxy_configured() -> bool:

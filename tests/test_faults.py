@@ -237,6 +237,22 @@ def test_401_403_404_fail_fast_and_the_other_images_complete(registry, proxy, un
     assert_store_valid(store_dir)
 
 
+@pytest.mark.parametrize("location", ["file:///etc/passwd", "http:///no-host",
+                                      "ftp://mirror.example/blob"])
+def test_a_redirect_to_something_not_http_is_one_clear_error(location, registry, proxy,
+                                                              unique_repo, store_dir):
+    img = build_image(seed=509, layer_sizes=[1500])
+    push(registry.url, unique_repo, "r", img)
+    layer = img.layer_digests[0]
+    proxy.status(307, rf"/blobs/{layer}$", times=None, headers={"Location": location})
+    r = cli("pull", "--retries", "3", "--store", str(store_dir), f"{proxy.host}/{unique_repo}:r")
+    assert r.returncode == 1
+    (line,) = one_line(r.stderr)
+    assert f"redirected to {location!r}, which is not an HTTP(S) URL" in line, line
+    assert layer in line
+    assert len(proxy.blob_requests(layer)) <= 3  # the worker paths' and the client's: no retry
+
+
 def test_fail_fast_stops_the_other_images(registry, proxy, unique_repo, store_dir):
     good = build_image(seed=510, layer_sizes=[500_000])
     push(registry.url, unique_repo, "good", good)
