@@ -21,7 +21,14 @@ reference) and ``blobs/``. An entry is written as the store holds it: a multi-pl
 index stays the index (byte for byte, with the platforms that were pulled); with
 ``--platform`` only that platform's manifest is written.
 
-Every blob is verified while it is copied; on any error the output file is removed.
+Every blob is verified while it is copied. For the docker format each image's config must
+be a JSON object whose ``rootfs.diff_ids`` lists one digest per layer (plain layers are
+checked against it); this is checked before anything is written.
+
+``-o FILE`` is written to a temporary file beside it, fsynced and renamed over it; on any
+error the temporary file is removed and FILE is untouched. A symlink is followed (its
+target gets the archive, the link stays). An existing FIFO or device is written to as a
+stream, like standard output, never replaced; a directory, socket or terminal is refused.
 Archives are deterministic: fixed times, owners and modes, files in a fixed order.
 """
 
@@ -33,6 +40,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import sys
 import tarfile
 import tempfile
@@ -42,6 +50,7 @@ from typing import Any, BinaryIO
 from . import mediatypes
 from .digest import Digest
 from .errors import DigestMismatch, PullerError, StoreError
+from .fsutil import write_all
 from .inventory import (Entry, StoredImage, choose_image, find, images_of, open_blob,
                         parse_platform, read_manifest, store_for)
 from .manifest import Descriptor
@@ -176,6 +185,20 @@ def _plain_layer(s: ContentStore, desc: Descriptor, diff_id: str | None) -> tupl
         raise
 
 
+def _checked(s: ContentStore, entry: Entry, img: StoredImage) -> list[str]:
+    """The diff_ids of ``img`` (one per layer, see :func:`puller.unpack.layer_diff_ids`),
+    after checking that its config and every layer are in the store."""
+    from .unpack import layer_diff_ids
+
+    diff_ids = layer_diff_ids(img, entry.name)
+    for layer in img.manifest.layers:
+        if not s.has(layer.digest, layer.size):
+            raise StoreError(f"layer {layer.digest} of {entry.name} is not in the store"
+                             + (" (a foreign layer: pull with --include-foreign)"
+                                if layer.urls else ""))
+    return diff_ids
+
+
 def _repo_tag(name: str) -> tuple[str, str] | None:
     """``docker.io/library/alpine:3`` -> ("alpine", "3"); None without a tag."""
     try:
@@ -196,8 +219,7 @@ def _save_docker(s: ContentStore, w: _Writer, chosen: list[tuple[Entry, StoredIm
     repositories: dict[str, dict[str, str]] = {}
     for entry, img in chosen:
         cfg = img.manifest.config
-        if img.config_bytes is None:
-            raise StoreError(f"config {cfg.digest} of {entry.name} is not in the store")
+        diff_ids = _checked(s, entry, img)
         repo_tag = _repo_tag(entry.name)
         item = by_config.get(str(cfg.digest))
         if item is not None:  # the same image under another name: one entry, more tags
@@ -206,15 +228,9 @@ def _save_docker(s: ContentStore, w: _Writer, chosen: list[tuple[Entry, StoredIm
                 repositories.setdefault(repo_tag[0], {})[repo_tag[1]] = item["_top"]
             continue
         config_name = f"{cfg.digest.hex}.json"
-        w.data(config_name, img.config_bytes)
-        diff_ids = (img.config.get("rootfs") or {}).get("diff_ids") or []
+        w.data(config_name, img.config_bytes or b"")
         layer_names = []
-        for i, layer in enumerate(img.manifest.layers):
-            diff_id = diff_ids[i] if i < len(diff_ids) and isinstance(diff_ids[i], str) else None
-            if not s.has(layer.digest, layer.size):
-                raise StoreError(f"layer {layer.digest} of {entry.name} is not in the store"
-                                 + (" (a foreign layer: pull with --include-foreign)"
-                                    if layer.urls else ""))
+        for layer, diff_id in zip(img.manifest.layers, diff_ids, strict=True):
             plain = uncompressed or _layer_head(s, layer.digest).startswith(_ZSTD_MAGIC)
             if plain:
                 tmp, got = _plain_layer(s, layer, diff_id)
@@ -287,37 +303,129 @@ def _save_oci(s: ContentStore, w: _Writer, chosen: list[tuple[Entry, StoredImage
 def save(s: ContentStore, refs: list[str], out: BinaryIO, *, fmt: str = "docker",
          platform: Platform | None = None, uncompressed: bool = False,
          stream: bool = False) -> None:
-    """Write ``refs`` from the store to ``out`` as a tar archive."""
+    """Write ``refs`` from the store to ``out`` as a tar archive.
+
+    Every reference is resolved, and for the docker format every image's config and
+    layers are checked, before the first byte is written."""
+    if fmt not in ("docker", "oci"):
+        raise ValueError(f"unknown archive format {fmt!r}")
+    if uncompressed and fmt != "docker":
+        raise ValueError("uncompressed applies to the docker format only")
     entries: list[Entry] = []
     for r in refs:
         e = find(s, r)
         if e.name not in [x.name for x in entries]:
             entries.append(e)
+    if fmt == "docker":
+        docker = [(e, choose_image(s, e, platform)) for e in entries]
+        for e, img in docker:
+            _checked(s, e, img)
+    else:
+        oci = [(e, choose_image(s, e, platform) if platform else None) for e in entries]
     with tarfile.open(fileobj=out, mode="w|" if stream else "w",
                       format=tarfile.PAX_FORMAT) as tf:
         w = _Writer(s, tf)
         if fmt == "docker":
-            _save_docker(s, w, [(e, choose_image(s, e, platform)) for e in entries], uncompressed)
+            _save_docker(s, w, docker, uncompressed)
         else:
-            _save_oci(s, w, [(e, choose_image(s, e, platform) if platform else None)
-                             for e in entries])
+            _save_oci(s, w, oci)
+
+
+def _usage(message: str) -> int:
+    print(f"puller: {message}", file=sys.stderr)
+    return 2
 
 
 def save_command(args: argparse.Namespace) -> int:
+    """``-o FILE``: a regular file (or a new one) is written to a temporary file next to
+    it, fsynced and renamed over it; a symlink is followed and its target written the
+    same way (the link stays). A FIFO or device is opened and written to as a stream,
+    never replaced. A directory, socket or terminal is refused."""
+    if args.uncompressed and args.format != "docker":
+        return _usage("save: --uncompressed applies to --format docker only")
     platform = parse_platform(args.platform)
     s = store_for(args.store)
     if not args.output or args.output == "-":
         if sys.stdout.isatty():
-            print("puller: refusing to write an archive to a terminal (use -o FILE)",
-                  file=sys.stderr)
-            return 2
+            return _usage("refusing to write an archive to a terminal (use -o FILE)")
         save(s, args.refs, sys.stdout.buffer, fmt=args.format, platform=platform,
              uncompressed=args.uncompressed, stream=True)
         sys.stdout.buffer.flush()
         return 0
-    target = Path(args.output)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
-                               dir=target.parent if str(target.parent) else ".")
+    name = args.output
+    # A symlink is written through: the file it points at gets the archive.
+    target = Path(os.path.realpath(name)) if os.path.islink(name) else Path(name)
+    try:
+        st: os.stat_result | None = os.stat(target)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise StoreError(f"cannot write {name}: {exc.strerror}") from None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        if stat.S_ISDIR(st.st_mode):
+            return _usage(f"{name} is a directory (give a file name with -o)")
+        if stat.S_ISSOCK(st.st_mode):
+            return _usage(f"{name} is a socket: can't write an archive to it")
+        return _save_to_stream(s, args, platform, name, target)
+    _save_to_file(s, args, platform, name, target)
+    return 0
+
+
+class _Sink(io.RawIOBase):
+    """An open FIFO or device written as a stream: every write is complete, and a write
+    error names the output."""
+
+    def __init__(self, fd: int, name: str) -> None:
+        self._fd = fd
+        self._name = name
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        try:
+            write_all(self._fd, b)
+        except OSError as exc:
+            raise StoreError(f"cannot write {self._name}: {exc.strerror or exc}") from None
+        return len(b)
+
+
+def _save_to_stream(s: ContentStore, args: argparse.Namespace, platform: Platform | None,
+                    name: str, target: Path) -> int:
+    """The archive written into an existing FIFO or device, as to standard output."""
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise StoreError(f"cannot write {name}: {exc.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if os.isatty(fd):
+            return _usage(f"refusing to write an archive to a terminal ({name})")
+        if not stat.S_ISREG(mode):
+            save(s, args.refs, _Sink(fd, name), fmt=args.format,  # type: ignore[arg-type]
+                 platform=platform, uncompressed=args.uncompressed, stream=True)
+            if stat.S_ISBLK(mode):
+                try:
+                    os.fsync(fd)
+                except OSError as exc:
+                    raise StoreError(f"cannot write {name}: {exc.strerror}") from None
+            return 0
+    finally:
+        os.close(fd)
+    # replaced by a regular file since it was looked at: written like one
+    _save_to_file(s, args, platform, name, target)
+    return 0
+
+
+def _save_to_file(s: ContentStore, args: argparse.Namespace, platform: Platform | None,
+                  name: str, target: Path) -> None:
+    """The archive written to a temporary file next to ``target``, fsynced and renamed
+    over it; on any error the temporary file is removed and ``target`` is untouched."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
+                                   dir=target.parent if str(target.parent) else ".")
+    except OSError as exc:
+        raise StoreError(f"cannot write {name}: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             save(s, args.refs, f, fmt=args.format, platform=platform,
@@ -332,7 +440,6 @@ def save_command(args: argparse.Namespace) -> int:
         except OSError:
             pass
         raise
-    return 0
 
 
 def _umask() -> int:

@@ -8,7 +8,9 @@ Layers are applied in order, as containerd and umoci do:
 * Layers may be plain tar, gzip or zstd (told by their first bytes). zstd uses the
   ``zstandard`` module when it is installed, else the ``zstd`` program.
 * Every layer is verified while it is read: its digest, and the digest of the
-  uncompressed tar against the config's ``rootfs.diff_ids``.
+  uncompressed tar against the config's ``rootfs.diff_ids``. A config that is not a JSON
+  object, or whose ``rootfs.diff_ids`` is not a list of one digest per layer, is refused
+  before DIR is touched.
 
 Nothing is ever written outside DIR. Member names are taken relative to DIR (a leading
 ``/`` is dropped, as docker does) and a name with a ``..`` component is refused. A path
@@ -30,6 +32,7 @@ import argparse
 import errno
 import hashlib
 import io
+import json
 import os
 import shutil
 import stat
@@ -39,14 +42,17 @@ import tarfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .digest import Digest
-from .errors import DigestMismatch, PullerError, StoreError
+from .errors import DigestMismatch, ManifestError, PullerError, StoreError
 from .fsutil import write_all
 from .store import ContentStore
 
-__all__ = ["unpack", "UnpackError", "UnpackReport", "unpack_command"]
+if TYPE_CHECKING:
+    from .inventory import StoredImage
+
+__all__ = ["unpack", "UnpackError", "UnpackReport", "unpack_command", "layer_diff_ids"]
 
 _CHUNK = 1 << 20
 _MAX_SYMLINKS = 40
@@ -58,6 +64,10 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 class UnpackError(PullerError):
     """A layer that can't be applied safely (a path escaping DIR, a bad link, ...)."""
+
+
+class _UnusableTarget(UnpackError):
+    """DIR can't be used (not a directory, not empty, ...): nothing has been written."""
 
 
 @dataclass
@@ -524,17 +534,53 @@ class _Chain(io.RawIOBase):
         return self._rest.readinto(b) or 0
 
 
+def layer_diff_ids(img: StoredImage, name: str) -> list[str]:
+    """The ``rootfs.diff_ids`` of ``img``'s config, one per layer of its manifest.
+
+    Refused (ManifestError, StoreError when the config isn't stored): a config that is
+    not a JSON object, a ``rootfs.diff_ids`` that is missing or not a list of digests, and
+    a count of diff_ids that differs from the count of layers (a layer without its
+    diff_id could not be checked)."""
+    cfg = img.manifest.config.digest
+    if img.config_bytes is None:
+        raise StoreError(f"config {cfg} of {name} is not in the store (pull it again)")
+    what = f"image config {cfg} of {name}"
+    try:
+        doc = json.loads(img.config_bytes)
+    except (ValueError, RecursionError):
+        raise ManifestError(f"{what} is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise ManifestError(f"{what} is not a JSON object")
+    rootfs = doc.get("rootfs")
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list):
+        raise ManifestError(f"{what} has no rootfs.diff_ids list")
+    for i, d in enumerate(diff_ids):
+        try:
+            Digest.parse(d)
+        except PullerError as exc:
+            raise ManifestError(f"{what}: rootfs.diff_ids[{i}]: {exc}") from None
+    layers = len(img.manifest.layers)
+    if len(diff_ids) != layers:
+        raise ManifestError(f"{what} lists {len(diff_ids)} diff_ids for {layers} layers")
+    return list(diff_ids)
+
+
 def unpack(store: ContentStore, ref: str, directory: str | os.PathLike[str], *,
            platform: Any = None, chown: bool = True) -> UnpackReport:
-    """Extract the root filesystem of ``ref`` into ``directory`` (created; must be empty)."""
+    """Extract the root filesystem of ``ref`` into ``directory`` (created; must be empty).
+
+    The image is checked (config, diff_ids, layers present) and DIR is checked before
+    anything is written; those errors leave DIR as it was. An error while layers are
+    applied leaves DIR incomplete."""
     from .inventory import choose_image, find
 
+    if not os.fspath(directory):
+        raise _UnusableTarget("the directory name is empty")
     entry = find(store, ref)
     img = choose_image(store, entry, platform)
-    diff_ids = (img.config.get("rootfs") or {}).get("diff_ids") if img.config else None
     layers = img.manifest.layers
-    if not isinstance(diff_ids, list) or len(diff_ids) != len(layers):
-        diff_ids = [None] * len(layers)
+    diff_ids = layer_diff_ids(img, entry.name)
     for d in layers:
         if not store.has(d.digest, d.size):
             raise StoreError(f"layer {d.digest} of {entry.name} is not in the store "
@@ -543,18 +589,17 @@ def unpack(store: ContentStore, ref: str, directory: str | os.PathLike[str], *,
     try:
         target.mkdir(parents=True, exist_ok=True)
         if target.is_symlink() or not target.is_dir():
-            raise UnpackError(f"{target} is not a directory")
+            raise _UnusableTarget(f"{target} is not a directory")
         if any(target.iterdir()):
-            raise UnpackError(f"{target} is not empty")
+            raise _UnusableTarget(f"{target} is not empty")
     except OSError as exc:
-        raise UnpackError(f"cannot use {target}: {exc.strerror}") from None
+        raise _UnusableTarget(f"cannot use {target}: {exc.strerror}") from None
     report = UnpackReport()
     root = _Root(target)
     try:
         applier = _Applier(root, chown=chown, report=report)
         for d, diff_id in zip(layers, diff_ids, strict=True):
-            _apply_layer(store, applier, d.digest, d.size,
-                         diff_id if isinstance(diff_id, str) else None)
+            _apply_layer(store, applier, d.digest, d.size, diff_id)
             report.layers += 1
         applier.finish()
     finally:
@@ -565,14 +610,17 @@ def unpack(store: ContentStore, ref: str, directory: str | os.PathLike[str], *,
 def unpack_command(args: argparse.Namespace) -> int:
     from .inventory import parse_platform, store_for
 
+    if not args.dir:
+        print("puller: unpack: the directory name is empty", file=sys.stderr)
+        return 2
     platform = parse_platform(args.platform)
     s = store_for(args.store)
     try:
         report = unpack(s, args.ref, args.dir, platform=platform, chown=not args.no_chown)
-    except UnpackError as exc:
-        print(f"puller: {exc} ({args.dir} is left incomplete)", file=sys.stderr)
+    except _UnusableTarget as exc:
+        print(f"puller: {exc} (nothing was written)", file=sys.stderr)
         return 1
-    except DigestMismatch as exc:
+    except (UnpackError, DigestMismatch) as exc:
         print(f"puller: {exc} ({args.dir} is left incomplete)", file=sys.stderr)
         return 1
     for w in report.warnings:

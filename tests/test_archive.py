@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import socket
+import stat
 import subprocess
 import sys
 import tarfile
+import threading
 
 import pytest
 
 from tests.support.images import build_image, build_index, push
 from tests.test_serve import dockerd_factory, need  # noqa: F401 - fixture reuse
+from tests.test_unpack import BAD_CONFIGS, push_config
 
 pytestmark = pytest.mark.filterwarnings("error")
 
@@ -146,3 +151,142 @@ def test_docker_load(stored, tmp_path, dockerd_factory):  # noqa: F811
     assert f"Loaded image: {one}" in r.stdout
     got = dk.docker("image", "inspect", "--format", "{{.Id}}", one).stdout.strip()
     assert got == img.config_digest
+
+
+def leftovers(d) -> list[str]:
+    """Temporary files a save may have left in ``d``."""
+    return sorted(p.name for p in d.iterdir() if p.name.endswith(".tmp"))
+
+
+def one_line_error(r: subprocess.CompletedProcess, rc: int, words: str) -> None:
+    err = r.stderr.decode()
+    assert r.returncode == rc, err
+    assert words in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_save_into_a_fifo_streams_the_archive(stored, tmp_path):
+    """A FIFO is written to, not replaced: the reader gets the whole archive."""
+    store, one, _, img, _ = stored
+    expected = puller("save", "--store", str(store), one).stdout
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    # Held open so the reader's open never waits and EOF comes only after it is closed,
+    # whether or not save ever opens the FIFO.
+    keeper = os.open(fifo, os.O_RDWR)
+    got = bytearray()
+
+    def read() -> None:
+        with open(fifo, "rb") as f:
+            while chunk := f.read(65536):
+                got.extend(chunk)
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    try:
+        r = puller("save", "--store", str(store), one, "-o", str(fifo))
+    finally:
+        os.close(keeper)
+        t.join(120)
+    assert r.returncode == 0, r.stderr
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert bytes(got) == expected
+    with tarfile.open(fileobj=io.BytesIO(bytes(got))) as tf:
+        manifest = json.load(tf.extractfile("manifest.json"))
+        for name in manifest[0]["Layers"]:
+            tf.extractfile(name).read()
+    assert manifest[0]["RepoTags"] == [one]
+    assert leftovers(tmp_path) == []
+
+
+def _device(path, minor: int) -> None:
+    """A character device node of the kernel's mem driver (1, minor) at ``path``."""
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, minor))
+        os.close(os.open(path, os.O_WRONLY))
+    except PermissionError:
+        pytest.skip("can't create or open device nodes here")
+
+
+def test_save_into_a_device_writes_to_it(stored, tmp_path):
+    store, one, _, _, _ = stored
+    null = tmp_path / "null"
+    _device(null, 3)
+    r = puller("save", "--store", str(store), one, "-o", str(null))
+    assert r.returncode == 0, r.stderr
+    st = os.lstat(null)
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
+    assert leftovers(tmp_path) == []
+    # a device that refuses the bytes (like /dev/full): one line, the node stays
+    full = tmp_path / "full"
+    _device(full, 7)
+    r = puller("save", "--store", str(store), one, "-o", str(full))
+    one_line_error(r, 1, "No space left on device")
+    assert stat.S_ISCHR(os.lstat(full).st_mode) and leftovers(tmp_path) == []
+
+
+def test_save_through_a_symlink_keeps_the_link(stored, tmp_path):
+    store, one, _, _, _ = stored
+    expected = puller("save", "--store", str(store), one).stdout
+    real = tmp_path / "real.tar"
+    real.write_bytes(b"old")
+    link = tmp_path / "link.tar"
+    link.symlink_to("real.tar")
+    r = puller("save", "--store", str(store), one, "-o", str(link))
+    assert r.returncode == 0, r.stderr
+    assert link.is_symlink() and os.readlink(link) == "real.tar"
+    assert real.read_bytes() == expected
+    # a link to a file not there yet: the file is made, the link stays
+    (tmp_path / "sub").mkdir()
+    new = tmp_path / "new.tar"
+    new.symlink_to(tmp_path / "sub" / "made.tar")
+    assert puller("save", "--store", str(store), one, "-o", str(new)).returncode == 0
+    assert new.is_symlink() and (tmp_path / "sub/made.tar").read_bytes() == expected
+    # a link to a device is written through too
+    null = tmp_path / "null"
+    _device(null, 3)
+    dev = tmp_path / "dev.tar"
+    dev.symlink_to(null)
+    assert puller("save", "--store", str(store), one, "-o", str(dev)).returncode == 0
+    assert dev.is_symlink() and stat.S_ISCHR(os.lstat(null).st_mode)
+    assert leftovers(tmp_path) == [] and leftovers(tmp_path / "sub") == []
+
+
+def test_save_refuses_a_directory_or_a_socket(stored, tmp_path):
+    store, one, _, _, _ = stored
+    d = tmp_path / "out"
+    d.mkdir()
+    r = puller("save", "--store", str(store), one, "-o", str(d))
+    one_line_error(r, 2, "is a directory")
+    assert d.is_dir() and list(d.iterdir()) == [] and leftovers(tmp_path) == []
+    sock_path = tmp_path / "s"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(sock_path))
+        r = puller("save", "--store", str(store), one, "-o", str(sock_path))
+        one_line_error(r, 2, "is a socket")
+        assert stat.S_ISSOCK(os.lstat(sock_path).st_mode) and leftovers(tmp_path) == []
+
+
+def test_uncompressed_is_for_the_docker_format_only(stored, tmp_path):
+    store, one, _, _, _ = stored
+    out = tmp_path / "o.tar"
+    r = puller("save", "--format", "oci", "--uncompressed", "--store", str(store), one,
+               "-o", str(out))
+    one_line_error(r, 2, "--uncompressed")
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_docker_save_refuses_an_invalid_config(registry, unique_repo, tmp_path, case):
+    """Refused before anything is written: no file, nothing on standard output."""
+    config, layers, words = BAD_CONFIGS[case]
+    push_config(registry, unique_repo, "bad", config, layers)
+    store, ref = tmp_path / "store", f"{registry.host}/{unique_repo}:bad"
+    assert puller("pull", "-q", "--store", str(store), ref).returncode == 0
+    out = tmp_path / "a.tar"
+    for extra in ([], ["--uncompressed"]):
+        r = puller("save", *extra, "--store", str(store), ref, "-o", str(out))
+        one_line_error(r, 1, words)
+        assert not out.exists() and leftovers(tmp_path) == []
+        r = puller("save", *extra, "--store", str(store), ref)
+        one_line_error(r, 1, words)
+        assert r.stdout == b""

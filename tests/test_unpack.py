@@ -198,6 +198,18 @@ def test_unpack_refuses_a_non_empty_dir_and_unknown_refs(registry, unique_repo, 
     (d / "x").write_text("x")
     r = puller("unpack", "--store", str(store), f"{registry.host}/{unique_repo}:n", str(d))
     assert r.returncode == 1 and "not empty" in r.stderr
+    # nothing was written, and the message says so
+    assert "nothing was written" in r.stderr and "incomplete" not in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1 and [p.name for p in d.iterdir()] == ["x"]
+    f = tmp_path / "afile"
+    f.write_text("keep")
+    r = puller("unpack", "--store", str(store), f"{registry.host}/{unique_repo}:n", str(f))
+    assert r.returncode == 1 and "nothing was written" in r.stderr, r.stderr
+    assert "incomplete" not in r.stderr and f.read_text() == "keep"
+    # an empty DIR argument is a usage error (not the current directory)
+    r = puller("unpack", "--store", str(store), f"{registry.host}/{unique_repo}:n", "")
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "incomplete" not in r.stderr
     r = puller("unpack", "--store", str(store), "nothere", str(tmp_path / "x"))
     assert r.returncode == 1 and "no such image" in r.stderr
     r = puller("unpack", "--store", str(store), "Bad:Ref!", str(tmp_path / "x"))
@@ -239,3 +251,75 @@ def test_trailing_padding_counts_toward_the_diff_id(registry, unique_repo, tmp_p
     r, root = pull_and_unpack(registry, unique_repo, "p", tmp_path)
     assert r.returncode == 0, r.stderr
     assert (root / "pad" / "f").read_bytes() == b"x" * 3000
+
+
+def push_config(registry, repo: str, tag: str, config: bytes,
+                layers: list[bytes] | None, diff_ids: int | None = None) -> list[str]:
+    """An OCI image with exactly these ``config`` bytes and gzip layers of these tars,
+    pushed as repo:tag (``layers=None`` writes ``"layers": null``). Returns the real
+    diff_ids of the layers."""
+    blobs, descs, real = {}, [], []
+    for t in layers or []:
+        blob, mt = compress(t, "gzip")
+        blobs[sha(blob)] = blob
+        descs.append({"mediaType": mt, "digest": sha(blob), "size": len(blob)})
+        real.append(sha(t))
+    blobs[sha(config)] = config
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                           "config": {"mediaType": OCI_CONFIG, "digest": sha(config),
+                                      "size": len(config)},
+                           "layers": descs if layers is not None else None}).encode()
+    push_raw_manifest(registry.url, repo, tag, manifest, OCI_MANIFEST, blobs)
+    return real
+
+
+def config_with(diff_ids) -> bytes:
+    return json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                       "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
+
+
+LAYER_A = tar(("a", "file", b"a"))
+LAYER_B = tar(("b", "file", b"b"))
+
+# (config bytes, layers, words the error must contain)
+BAD_CONFIGS = {
+    "not-json": (b"{bad", [LAYER_A], "not valid JSON"),
+    "a-list": (b"[]", [LAYER_A], "not a JSON object"),
+    "diff_ids-null": (config_with(None), [LAYER_A], "no rootfs.diff_ids"),
+    "no-rootfs": (json.dumps({"os": "linux", "architecture": "amd64"}).encode(), [LAYER_A],
+                  "no rootfs.diff_ids"),
+    "diff_id-not-a-string": (config_with([7]), [LAYER_A], "diff_ids[0]"),
+    "fewer-diff_ids": (config_with([sha(LAYER_A)]), [LAYER_A, LAYER_B],
+                       "1 diff_ids for 2 layers"),
+    "layers-null": (config_with([sha(LAYER_A)]), None, "1 diff_ids for 0 layers"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_unpack_refuses_an_invalid_config(registry, unique_repo, tmp_path, case):
+    config, layers, words = BAD_CONFIGS[case]
+    push_config(registry, unique_repo, "bad", config, layers)
+    r, root = pull_and_unpack(registry, unique_repo, "bad", tmp_path)
+    assert r.returncode == 1, r.stderr
+    assert words in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    assert not root.exists()  # refused before DIR is made
+
+
+def test_unpack_checks_every_layer_against_its_diff_id(registry, unique_repo, tmp_path):
+    """Two layers, two diff_ids, the second wrong: found while the second is applied."""
+    push_config(registry, unique_repo, "w", config_with([sha(LAYER_A), sha(LAYER_A)]),
+                [LAYER_A, LAYER_B])
+    r, root = pull_and_unpack(registry, unique_repo, "w", tmp_path)
+    assert r.returncode == 1 and "the config says" in r.stderr, r.stderr
+    assert "left incomplete" in r.stderr and len(r.stderr.splitlines()) == 1
+    # the same layers with the right diff_ids unpack
+    push_config(registry, unique_repo, "ok", config_with([sha(LAYER_A), sha(LAYER_B)]),
+                [LAYER_A, LAYER_B])
+    store = tmp_path / "store"
+    assert puller("pull", "-q", "--store", str(store),
+                  f"{registry.host}/{unique_repo}:ok").returncode == 0
+    r = puller("unpack", "--store", str(store), f"{registry.host}/{unique_repo}:ok",
+               str(tmp_path / "ok"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "ok/a").read_bytes() == b"a" and (tmp_path / "ok/b").read_bytes() == b"b"
