@@ -1,9 +1,10 @@
 """Reading what the store holds: ``puller images``, ``inspect``, ``rmi`` and ``du``.
 
 Also the shared model the other store commands (``save``, ``unpack``, ``serve``) use:
-:func:`entries` lists the ``index.json`` entries, :func:`find` resolves a reference given
-on the command line to one of them, :func:`images_of` lists the platform images of an
-entry that are present in the store, and :func:`choose_image` picks one of them.
+:func:`entries` lists the ``index.json`` entries (:func:`parse_entry` checks one),
+:func:`find` resolves a reference given on the command line to one of them,
+:func:`images_of` lists the platform images of an entry that are present in the store,
+and :func:`choose_image` picks one of them.
 
 Every read goes through :class:`~puller.store.ContentStore`: digests are parsed with
 :meth:`Digest.parse` before they become paths, files are opened with ``O_NOFOLLOW``, and
@@ -36,7 +37,7 @@ from .platform import Platform, is_unknown, select
 from .reference import Reference
 from .store import ContentStore, default_store_path, partial_bytes
 
-__all__ = ["Entry", "StoredImage", "entries", "find", "images_of", "choose_image",
+__all__ = ["Entry", "StoredImage", "entries", "parse_entry", "find", "images_of", "choose_image",
            "open_blob", "read_manifest", "PULLED_AT", "NoSuchImage"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -92,19 +93,38 @@ def store_for(path: str | os.PathLike[str] | None) -> ContentStore:
     return s
 
 
+def parse_entry(raw: object) -> tuple[Descriptor, str | None]:
+    """Check one ``index.json`` entry: (its descriptor, its reference name, or None for an
+    entry without one). Raises :class:`~puller.errors.ManifestError` saying what is wrong:
+    not a JSON object, ``mediaType``, ``digest`` or ``size`` missing or of the wrong type,
+    a digest that isn't canonical (``sha256:`` and 64 lower-case hex digits), annotations
+    that aren't an object of strings (so also a reference name that isn't a string), ...
+    ``entries`` skips such entries; ``puller fsck`` reports them and ``puller gc`` refuses
+    to run while one is there."""
+    desc = Descriptor.from_json(raw)
+    ann = desc.annotations
+    return desc, (ann.get(mediatypes.ANNOTATION_REF_NAME) if ann is not None else None)
+
+
 def entries(s: ContentStore) -> list[Entry]:
-    """The named entries of ``index.json`` (malformed ones are skipped)."""
+    """The named entries of ``index.json`` (malformed ones, see :func:`parse_entry`, and
+    unnamed ones are skipped)."""
     out = []
     for raw in s.read_index():
-        name = (raw.get("annotations") or {}).get(mediatypes.ANNOTATION_REF_NAME)
-        if not isinstance(name, str):
-            continue
         try:
-            desc = Descriptor.from_json(raw)
+            desc, name = parse_entry(raw)
         except PullerError:
             continue
-        out.append(Entry(name=name, descriptor=desc, raw=raw))
+        if name is not None:
+            out.append(Entry(name=name, descriptor=desc, raw=raw))
     return out
+
+
+def _ref_name(raw: object) -> str | None:
+    """The reference name of an index entry, however malformed the rest of it is."""
+    ann = raw.get("annotations") if isinstance(raw, dict) else None
+    name = ann.get(mediatypes.ANNOTATION_REF_NAME) if isinstance(ann, dict) else None
+    return name if isinstance(name, str) else None
 
 
 def find(s: ContentStore, text: str) -> Entry:
@@ -244,8 +264,8 @@ def reachable(s: ContentStore, e: Entry) -> dict[Digest, int]:
 
 
 def pulled_at(s: ContentStore, e: Entry) -> _dt.datetime | None:
-    value = (e.raw.get("annotations") or {}).get(PULLED_AT)
-    if isinstance(value, str):
+    value = e.descriptor.annotations.get(PULLED_AT) if e.descriptor.annotations else None
+    if value is not None:
         try:
             t = _dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
             return t if t.tzinfo else t.replace(tzinfo=_dt.timezone.utc)
@@ -442,8 +462,8 @@ def remove(s: ContentStore, names: Iterable[str]) -> list[str]:
         removed.clear()
         kept = []
         for raw in current:
-            name = (raw.get("annotations") or {}).get(mediatypes.ANNOTATION_REF_NAME)
-            if name in wanted:
+            name = _ref_name(raw)
+            if name is not None and name in wanted:
                 removed.append(name)
             else:
                 kept.append(raw)

@@ -10,6 +10,10 @@ What fsck checks
 ----------------
 * Every file under ``blobs/`` is re-hashed (streamed, a few threads) and must be a regular
   file (never a symlink) whose name is a valid digest of its bytes.
+* ``index.json`` must be there (when ``blobs/`` is) and be an OCI index, and every entry
+  must be a valid descriptor (:func:`puller.inventory.parse_entry`: an object with a
+  ``mediaType``, a canonical ``digest`` and an integer ``size``, annotations that are
+  strings, ...).
 * Every ``index.json`` entry must be *complete*: its manifest is present and intact and
   parses; for an image manifest, its config and every layer are present and intact
   (foreign layers that name ``urls`` may be absent: puller skips them unless asked);
@@ -20,7 +24,8 @@ What fsck checks
   pull of that blob resumes them, and ``puller gc`` removes the ones nobody is writing.
 
 ``--repair`` removes corrupt, misnamed and symlinked blobs and then every entry that is
-not complete, while no pull runs (see :meth:`ContentStore.exclusive`).
+not valid or not complete, while no pull runs (see :meth:`ContentStore.exclusive`). A
+missing or unreadable ``index.json`` is never repaired: only its owner knows what it held.
 
 What gc removes
 ---------------
@@ -29,6 +34,10 @@ child it lists), partial downloads nobody holds the lock of, and temporary files
 left next to ``index.json``. It holds the store exclusively while it works: running pulls
 are waited for (``--wait``), and pulls that start meanwhile wait for gc, so a blob that a
 pull has stored or found present is always named in ``index.json`` before gc can look.
+
+gc removes nothing at all when it can't be sure what is in use: when ``index.json`` is
+missing (while ``blobs/`` is there) or unreadable, or when any of its entries is not a
+valid descriptor. It says so on one line and fails; ``puller fsck`` shows the problem.
 
 ``add_parsers(sub)`` registers both subcommands on the command line; importing this
 module stays cheap (no aiohttp).
@@ -49,7 +58,8 @@ from typing import Any, Callable, Iterator
 from . import mediatypes
 from .digest import ALGORITHMS, Digest
 from .errors import PullerError, StoreError
-from .manifest import MAX_MANIFEST_SIZE, ImageIndex, parse_manifest
+from .inventory import parse_entry
+from .manifest import MAX_MANIFEST_SIZE, Descriptor, ImageIndex, parse_manifest
 from .record import Record
 from .store import (SEGMENTS_SUFFIX, ContentStore, clear_legacy_partial, default_store_path,
                     partial_bytes)
@@ -70,8 +80,9 @@ class Problem(Record, frozen=False):
 
     ``kind``: ``corrupt`` (bytes don't hash to the name), ``misnamed`` (not a digest),
     ``symlink``, ``not-regular``, ``unexpected`` (something else under blobs/),
-    ``dangling`` (an index entry that isn't complete), ``invalid-index`` (index.json
-    unreadable), ``unreadable`` (a blob that could not be read).
+    ``dangling`` (an index entry that isn't complete), ``invalid-entry`` (an index entry
+    that isn't a valid descriptor), ``invalid-index`` (index.json missing or unreadable),
+    ``unreadable`` (a blob that could not be read).
     """
 
     kind: str
@@ -89,6 +100,7 @@ class Problem(Record, frozen=False):
             "not-regular": f"not a regular file: {self.path}",
             "unexpected": f"unexpected entry {self.path}",
             "dangling": f"dangling index entry {self.ref or '(unnamed)'} ({self.digest})",
+            "invalid-entry": f"invalid index entry {self.ref or '(unnamed)'}",
             "invalid-index": f"invalid {self.path}",
             "unreadable": f"unreadable blob {self.path}",
         }.get(self.kind, f"{self.kind} {self.path}")
@@ -207,19 +219,60 @@ def _unlink(path: Path) -> bool:
         return False
 
 
-def _ref_name(entry: dict[str, Any]) -> str | None:
-    ann = entry.get("annotations")
+def _ref_name(entry: object) -> str | None:
+    """The reference name of an index entry, however malformed the rest of it is."""
+    ann = entry.get("annotations") if isinstance(entry, dict) else None
     if isinstance(ann, dict):
         name = ann.get(mediatypes.ANNOTATION_REF_NAME)
         return name if isinstance(name, str) else None
     return None
 
 
-def _parse_descriptor_digest(value: object) -> Digest | None:
+def _read_index(s: ContentStore) -> list[object] | None:
+    """Every entry of ``index.json``'s ``manifests`` as stored, malformed ones included
+    (None when there is no index.json). Raises :class:`StoreError` when it can't be read
+    or is not an OCI index."""
+    path = s.root / "index.json"
     try:
-        return Digest.parse(value)  # type: ignore[arg-type]
-    except PullerError:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            chunks = []
+            while chunk := os.read(fd, _READ_CHUNK):
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
+    except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        doc = json.loads(b"".join(chunks))
+        manifests = doc["manifests"]
+        if not isinstance(manifests, list):
+            raise TypeError("manifests is not a list")
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise StoreError(f"{path} is not a valid OCI index: {exc}") from exc
+    return manifests
+
+
+def _has_blobs_dir(s: ContentStore) -> bool:
+    return os.path.lexists(s.root / "blobs")
+
+
+def _parse_index(entries: list[object]
+                 ) -> tuple[list[tuple[object, Descriptor, str | None]],
+                            list[tuple[int, object, str]]]:
+    """Split ``index.json``'s entries into (entry, descriptor, name) of the valid ones and
+    (position, entry, reason) of the others."""
+    good, bad = [], []
+    for i, entry in enumerate(entries):
+        try:
+            desc, name = parse_entry(entry)
+        except PullerError as exc:
+            bad.append((i, entry, str(exc)))
+            continue
+        good.append((entry, desc, name))
+    return good, bad
 
 
 def _lock_state(lock: Path) -> bool:
@@ -401,37 +454,42 @@ def _fsck(s: ContentStore, *, repair: bool, threads: int) -> FsckReport:
     report = FsckReport(store=str(s.root))
     # index.json first: everything it names was stored before it was named, so a pull
     # that runs while we scan can't make an entry look dangling.
-    entries: list[dict[str, Any]] | None
+    entries: list[object] = []
     try:
-        entries = s.read_index()
+        found = _read_index(s)
     except StoreError as exc:
-        entries = None
         report.problems.append(Problem("invalid-index", "index.json", str(exc)))
+    else:
+        if found is not None:
+            entries = found
+        elif _has_blobs_dir(s):
+            report.problems.append(Problem(
+                "invalid-index", "index.json",
+                "it is missing, so nothing says which blobs are in use (restore it, or "
+                "pull the images again)"))
     good = _scan_blobs(s, report, threads)
     report.partials = _scan_ingest(s)
 
-    dangling: list[dict[str, Any]] = []
-    for entry in entries or ():
-        report.entries += 1
-        name = _ref_name(entry)
-        digest = _parse_descriptor_digest(entry.get("digest"))
-        size = entry.get("size") if type(entry.get("size")) is int else None
-        media_type = entry.get("mediaType") if isinstance(entry.get("mediaType"), str) else None
-        if digest is None:
-            why: str | None = f"invalid digest {str(entry.get('digest'))[:100]!r}"
-        else:
-            why = _why_incomplete(s, good, digest, size, media_type)
-        if why is not None:
-            dangling.append(entry)
-            report.problems.append(Problem("dangling", "index.json", why,
-                                           digest=str(digest) if digest else None, ref=name))
+    valid, invalid = _parse_index(entries)
+    report.entries = len(entries)
+    broken: list[object] = []
+    for i, entry, why in invalid:
+        broken.append(entry)
+        report.problems.append(Problem("invalid-entry", "index.json",
+                                       f"manifests[{i}]: {why}", ref=_ref_name(entry)))
+    for entry, desc, name in valid:
+        reason = _why_incomplete(s, good, desc.digest, desc.size, desc.media_type)
+        if reason is not None:
+            broken.append(entry)
+            report.problems.append(Problem("dangling", "index.json", reason,
+                                           digest=str(desc.digest), ref=name))
 
     if repair:
-        _repair(s, report, dangling)
+        _repair(s, report, broken)
     return report
 
 
-def _repair(s: ContentStore, report: FsckReport, dangling: list[dict[str, Any]]) -> None:
+def _repair(s: ContentStore, report: FsckReport, broken: list[object]) -> None:
     for p in report.problems:
         if p.kind in ("corrupt", "misnamed", "symlink"):
             p.repaired = _unlink(s.root / p.path)
@@ -439,33 +497,28 @@ def _repair(s: ContentStore, report: FsckReport, dangling: list[dict[str, Any]])
             path = s.root / p.path
             if not path.is_dir() or path.is_symlink():
                 p.repaired = _unlink(path)
-    if dangling:
-        bad = {json.dumps(e, sort_keys=True) for e in dangling}
+    if broken:
+        bad = {json.dumps(e, sort_keys=True) for e in broken}
 
         def change(current: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            # Matched by content: update_index reads index.json again under its lock.
+            # Matched by content: update_index reads index.json again under its lock
+            # (entries that aren't JSON objects never come back from it).
             return [e for e in current if json.dumps(e, sort_keys=True) not in bad]
 
         s.update_index(change)
         for p in report.problems:
-            if p.kind == "dangling":
+            if p.kind in ("dangling", "invalid-entry"):
                 p.repaired = True
 
 
 # -- gc ------------------------------------------------------------------------------------
 
 
-def _reachable(s: ContentStore, entries: list[dict[str, Any]],
+def _reachable(s: ContentStore, entries: list[Descriptor],
                warnings: list[str]) -> set[Digest]:
     keep: set[Digest] = set()
-    todo: list[tuple[Digest, str | None, int]] = []
-    for entry in entries:
-        d = _parse_descriptor_digest(entry.get("digest"))
-        if d is None:
-            warnings.append(f"index entry {_ref_name(entry)} has an invalid digest")
-            continue
-        mt = entry.get("mediaType") if isinstance(entry.get("mediaType"), str) else None
-        todo.append((d, mt, 0))
+    todo: list[tuple[Digest, str | None, int]] = [(d.digest, d.media_type, 0)
+                                                   for d in entries]
     seen: set[Digest] = set()
     while todo:  # bounded: each digest is expanded once
         d, mt, depth = todo.pop()
@@ -493,7 +546,9 @@ def gc(store: str | os.PathLike[str] | ContentStore, *, dry_run: bool = False,
 
     Holds the store exclusively (waiting up to ``wait`` seconds for running pulls, then
     raising :class:`puller.store.StoreBusy`); ``dry_run`` only reports. Refuses to run
-    when index.json can't be read, since then nothing is known to be reachable."""
+    (raises :class:`StoreError`, removing nothing) when index.json is missing, can't be
+    read or has an entry that is not a valid descriptor, since then nothing is known to
+    be reachable."""
     s = _open_store(store)
     if dry_run:
         return _gc(s, dry_run=True)
@@ -503,11 +558,25 @@ def gc(store: str | os.PathLike[str] | ContentStore, *, dry_run: bool = False,
 
 def _gc(s: ContentStore, *, dry_run: bool) -> GcReport:
     report = GcReport(store=str(s.root), dry_run=dry_run)
+    refuse = "not collecting garbage (run `puller fsck`)"
+    index = s.root / "index.json"
     try:
-        entries = s.read_index()
+        entries = _read_index(s)
     except StoreError as exc:
-        raise StoreError(f"{exc}; not collecting garbage (run `puller fsck`)") from exc
-    keep = _reachable(s, entries, report.warnings)
+        raise StoreError(f"{exc}; {refuse}") from exc
+    if entries is None:
+        if _has_blobs_dir(s):
+            raise StoreError(f"{index} is missing, so nothing says which blobs are in use; "
+                             f"{refuse}")
+        entries = []
+    valid, invalid = _parse_index(entries)
+    if invalid:
+        i, entry, why = invalid[0]
+        name = _ref_name(entry)
+        more = f" (and {len(invalid) - 1} more)" if len(invalid) > 1 else ""
+        raise StoreError(f"{index}: entry manifests[{i}]{f' ({name})' if name else ''} "
+                         f"is not valid{more}: {why}; {refuse}")
+    keep = _reachable(s, [desc for _, desc, _ in valid], report.warnings)
 
     blobs_dir = s.root / "blobs"
     _check_real_dir(blobs_dir)

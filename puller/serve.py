@@ -31,6 +31,10 @@ images use it. Writes get ``405 UNSUPPORTED``.
 Manifests are re-verified on every read (they are small); blobs are streamed as stored
 (``puller fsck`` checks them, and every client verifies the digest).
 
+A store whose ``index.json`` can't be read is refused at start-up. If it stops being
+readable while serving, requests get ``500`` with a registry error (code ``UNKNOWN``) and
+the cause is logged on one line, once, until the store reads again.
+
 With ``--upstream`` a manifest missing from the store is pulled first (through
 :class:`puller.api.Puller`, into the store, named like any pull) from the registry the
 path names; a tag that is in the store is served as it is, never re-checked upstream.
@@ -167,9 +171,24 @@ class Registry:
         self.view = _View(s)
         self.puller = puller
         self._inflight: dict[str, asyncio.Future[Any]] = {}
+        self._store_error: str | None = None  # the last one logged
 
-    async def _refresh(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self.view.refresh)
+    async def _refresh(self, head: bool = False) -> web.Response | None:
+        """Bring the view up to date; when the store can't be read, the error response
+        to answer with (the error is logged once, on one line, until the store reads
+        again)."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.view.refresh)
+        except (PullerError, OSError) as exc:
+            message = f"cannot read the store: {exc}"
+            if message != self._store_error:
+                self._store_error = message
+                print(f"puller serve: {message}", file=sys.stderr, flush=True)
+            # Clients learn that the store is broken, not where it lives.
+            return _error(500, "UNKNOWN", "the store can't be read (see the server's log)",
+                          head)
+        self._store_error = None
+        return None
 
     # -- handlers ------------------------------------------------------------------------
 
@@ -177,7 +196,8 @@ class Registry:
         return web.json_response({}, headers=_API_VERSION)
 
     async def catalog(self, request: web.Request) -> web.Response:
-        await self._refresh()
+        if (failed := await self._refresh(request.method == "HEAD")) is not None:
+            return failed
         names = sorted(self.view.repos)
         names, link = _page(request, names)
         headers = dict(_API_VERSION)
@@ -207,7 +227,8 @@ class Registry:
         return await self.blob(request, name, ident, head)
 
     async def tags(self, request: web.Request, name: str) -> web.Response:
-        await self._refresh()
+        if (failed := await self._refresh(request.method == "HEAD")) is not None:
+            return failed
         repo = self.view.repos.get(name)
         if repo is None:
             return _error(404, "NAME_UNKNOWN", "repository name not known to registry",
@@ -220,11 +241,13 @@ class Registry:
 
     async def manifest(self, request: web.Request, name: str, ident: str,
                        head: bool) -> web.Response:
-        await self._refresh()
+        if (failed := await self._refresh(head)) is not None:
+            return failed
         found = self._lookup_manifest(name, ident)
         if found is None and self.puller is not None:
             await self._pull_through(name, ident)
-            await self._refresh()
+            if (failed := await self._refresh(head)) is not None:
+                return failed
             found = self._lookup_manifest(name, ident)
         if found is None:
             return _error(404, "MANIFEST_UNKNOWN", "manifest unknown", head)
@@ -291,7 +314,8 @@ class Registry:
 
     async def blob(self, request: web.Request, name: str, ident: str,
                    head: bool) -> web.StreamResponse:
-        await self._refresh()
+        if (failed := await self._refresh(head)) is not None:
+            return failed
         try:
             d = Digest.parse(ident)
         except InvalidDigest:
@@ -465,6 +489,7 @@ def serve_command(args: argparse.Namespace) -> int:
         s = ContentStore(args.store or _default()).init()
     else:
         s = store_for(args.store)
+    entries(s)  # a store whose index.json can't be read is refused here (StoreError)
     try:
         return asyncio.run(_serve(args, s, host, port))
     except ValueError as exc:

@@ -323,3 +323,110 @@ async def test_planted_ingest_links_are_not_followed(pulled, tmp_path):
     assert left == []
     await go()
     assert fsck(store).ok
+
+
+# -- an index.json gc can't trust ----------------------------------------------------------
+
+
+def blob_names(store: Path) -> list[str]:
+    return sorted(p.name for p in (store / "blobs" / "sha256").iterdir())
+
+
+def assert_gc_refuses(store: Path, *also: str) -> None:
+    """gc (and its dry run) fails on one line and removes nothing."""
+    before = blob_names(store)
+    for args in (["--dry-run"], ["--json"], []):
+        r = cli("gc", *args, "--store", str(store))
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "not collecting garbage" in r.stderr and all(a in r.stderr for a in also)
+    with pytest.raises(StoreError, match="not collecting garbage"):
+        gc(store)
+    assert blob_names(store) == before
+
+
+async def test_missing_index_json_is_a_problem_and_gc_refuses(pulled):
+    store, ref, img, go = pulled
+    await go()
+    os.unlink(store / "index.json")
+    assert_gc_refuses(store, "index.json is missing")
+    report = fsck(store)
+    assert [p.kind for p in report.problems] == ["invalid-index"] and not report.ok
+    r = cli("fsck", "--store", str(store))
+    assert r.returncode == 1 and "store is consistent" not in r.stdout
+    assert "index.json: it is missing" in r.stdout
+    assert blob_names(store) == sorted(d.split(":")[1] for d in [*img.blobs(), img.digest])
+
+
+def test_missing_index_json_without_blobs_is_an_empty_store(tmp_path):
+    s = ContentStore(tmp_path / "s").init()
+    os.unlink(s.root / "index.json")
+    os.rmdir(s.root / "blobs" / "sha256")
+    os.rmdir(s.root / "blobs")
+    assert fsck(s.root).ok
+    assert gc(s.root).blobs_removed == []
+
+
+def _upper_digest(e: dict) -> object:
+    return dict(e, digest="sha256:" + e["digest"].split(":")[1].upper())
+
+
+def _annotations_list(e: dict) -> object:
+    return dict(e, annotations=["a"])
+
+
+def _no_media_type(e: dict) -> object:
+    return {k: v for k, v in e.items() if k != "mediaType"}
+
+
+def _string_size(e: dict) -> object:
+    return dict(e, size=str(e["size"]))
+
+
+def _ref_name_number(e: dict) -> object:
+    return dict(e, annotations=dict(e["annotations"],
+                                    **{"org.opencontainers.image.ref.name": 5}))
+
+
+def _not_an_object(e: dict) -> object:
+    return [e]
+
+
+@pytest.mark.parametrize("spoil", [_upper_digest, _annotations_list, _no_media_type,
+                                   _string_size, _ref_name_number, _not_an_object])
+async def test_invalid_index_entry_is_a_problem_and_gc_refuses(pulled, spoil):
+    store, ref, img, go = pulled
+    await go()
+    doc = json.loads((store / "index.json").read_text())
+    (entry,) = doc["manifests"]
+    doc["manifests"] = [spoil(entry)]
+    (store / "index.json").write_text(json.dumps(doc))
+
+    assert_gc_refuses(store, "manifests[0]")
+    assert blob_names(store) == sorted(d.split(":")[1] for d in [*img.blobs(), img.digest])
+    report = fsck(store)
+    assert [p.kind for p in report.problems] == ["invalid-entry"] and not report.ok
+    assert "manifests[0]" in report.problems[0].detail
+    r = cli("fsck", "--store", str(store))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "store is consistent" not in r.stdout and "invalid index entry" in r.stdout
+
+    # --repair drops the entry like a dangling one; then gc runs again
+    repaired = fsck(store, repair=True)
+    assert repaired.ok and [p.kind for p in repaired.problems] == ["invalid-entry"]
+    assert json.loads((store / "index.json").read_text())["manifests"] == []
+    assert gc(store, dry_run=True).kept == 0
+
+
+async def test_gc_refusal_names_the_bad_entry_among_good_ones(pulled):
+    store, ref, img, go = pulled
+    await go()
+    doc = json.loads((store / "index.json").read_text())
+    (entry,) = doc["manifests"]
+    doc["manifests"].append(dict(entry, digest="sha256:" + entry["digest"][7:].upper(),
+                                 annotations={"org.opencontainers.image.ref.name": "x/y:z"}))
+    (store / "index.json").write_text(json.dumps(doc))
+    assert_gc_refuses(store, "manifests[1] (x/y:z)", "hex must be lowercase")
+    report = fsck(store)
+    assert report.entries == 2 and [(p.kind, p.ref) for p in report.problems] == [
+        ("invalid-entry", "x/y:z")]

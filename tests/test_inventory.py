@@ -129,3 +129,30 @@ def test_rmi_and_du(store):
     assert (s / "blobs/sha256" / b.digest.split(":")[1]).exists()  # gc removes it, not rmi
     r = puller("du", "--store", str(s))
     assert b"unreferenced" in r.stdout
+
+
+def test_malformed_index_entries_are_skipped_not_a_crash(store):
+    """Entries that aren't valid descriptors are left out (``puller fsck`` reports them);
+    the commands go on with the others."""
+    s, name, a, b, arm, idx = store
+    path = s / "index.json"
+    doc = json.loads(path.read_text())
+    by_name = {m["annotations"]["org.opencontainers.image.ref.name"]: m
+               for m in doc["manifests"]}
+    by_name[f"{name}:a"]["annotations"] = ["a"]
+    del by_name[f"{name}:multi"]["mediaType"]
+    doc["manifests"].append("not an entry")
+    path.write_text(json.dumps(doc))
+    for args in (["images", "-q"], ["du"], ["inspect", f"{name}:b"]):
+        r = puller(*args, "--store", str(s))
+        assert r.returncode == 0 and b"Traceback" not in r.stderr, (args, r.stderr)
+    r = puller("images", "-q", "--store", str(s))
+    assert r.stdout.decode().split() == [f"{name}:b"]
+    r = puller("inspect", "--store", str(s), f"{name}:a")
+    assert r.returncode == 1 and r.stderr.decode().startswith("puller: no such image")
+    assert len(r.stderr.splitlines()) == 1
+    r = puller("rmi", "--store", str(s), f"{name}:b")
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr
+    left = json.loads(path.read_text())["manifests"]
+    assert len(left) == 2  # only :b went; the malformed entries are left for fsck
+    assert puller("images", "-q", "--store", str(s)).stdout == b""

@@ -198,10 +198,13 @@ def test_puller_pulls_from_serve(served, tmp_path):
     server, path, idx, single, _ = served
     store2 = tmp_path / "store2"
     r = puller("pull", "-q", "--platform", "linux/arm64", "--store", str(store2),
-               f"{server.host}/{path}:multi", f"{server.host}/{path}:single")
+               f"{server.host}/{path}:multi")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines() == [f"{server.host}/{path}@{idx.digest}",
-                                     f"{server.host}/{path}@{single.digest}"]
+    assert r.stdout.splitlines() == [f"{server.host}/{path}@{idx.digest}"]
+    # single is linux/amd64 only: pulled without asking for another platform
+    r = puller("pull", "-q", "--store", str(store2), f"{server.host}/{path}:single")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [f"{server.host}/{path}@{single.digest}"]
 
 
 def test_pull_through_upstream(registry, unique_repo, tmp_path):
@@ -230,6 +233,67 @@ def test_serve_usage_errors(tmp_path):
     assert r.returncode == 1 and "no store at" in r.stderr and "Traceback" not in r.stderr
     r = puller("serve", "--store", str(tmp_path), "--addr", "nonsense")
     assert r.returncode == 2 and "HOST:PORT" in r.stderr
+
+
+def test_serve_refuses_a_store_it_cannot_read(tmp_path):
+    from puller.store import ContentStore
+
+    store = ContentStore(tmp_path / "store").init().root
+    (store / "index.json").write_text('{"manifests": ')
+    env = dict(os.environ)
+    env.pop("PULLER_STORE", None)
+    for extra in ([], ["--upstream"]):
+        proc = subprocess.Popen([sys.executable, "-m", "puller", "serve", "--store", str(store),
+                                 "--addr", "127.0.0.1:0", *extra], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # "serving ..." once it listens, "" when it exits
+        if first:
+            proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        assert first == "", "serve started on a store it can't read"
+        assert proc.returncode == 1 and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1 and "index.json" in err
+
+
+def test_store_that_breaks_while_serving_gets_registry_errors(registry, unique_repo, tmp_path):
+    img = build_image(seed=76, layer_sizes=[10_000])
+    push(registry.url, unique_repo, "v1", img)
+    store = tmp_path / "store"
+    r = puller("pull", "-q", "--store", str(store), f"{registry.host}/{unique_repo}:v1")
+    assert r.returncode == 0, r.stderr
+    path = served_path(registry.host, unique_repo)
+    index = store / "index.json"
+    good = index.read_bytes()
+
+    def replace_index(data: bytes) -> None:  # a new file: the server sees the change
+        (store / "index.new").write_bytes(data)
+        os.replace(store / "index.new", index)
+
+    server = Server(store)
+    try:
+        assert server.request("GET", f"/v2/{path}/manifests/v1")[0] == 200
+        replace_index(b'{"manifests": ')
+        layer = img.layer_digests[0]
+        for method, url in [("GET", f"/v2/{path}/manifests/v1"),
+                            ("GET", f"/v2/{path}/blobs/{layer}"),
+                            ("GET", f"/v2/{path}/tags/list"), ("GET", "/v2/_catalog"),
+                            ("GET", f"/v2/{path}/manifests/v1")]:
+            status, h, body = server.request(method, url)
+            assert status == 500, (url, status)
+            assert h["Content-Type"].startswith("application/json")
+            assert json.loads(body)["errors"][0]["code"] == "UNKNOWN"
+            assert str(store) not in body.decode()  # clients aren't told where it lives
+        status, _, body = server.request("HEAD", f"/v2/{path}/manifests/v1")
+        assert status == 500 and body == b""
+        replace_index(good)
+        status, _, body = server.request("GET", f"/v2/{path}/manifests/v1")
+        assert status == 200 and body == img.manifest
+    finally:
+        assert server.stop() == 0, server.stderr
+    assert "Traceback" not in server.stderr
+    lines = server.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot read the store" in lines[0] and "index.json" in lines[0]
 
 
 # -- docker ------------------------------------------------------------------------------
