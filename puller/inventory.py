@@ -35,7 +35,7 @@ from .errors import InvalidDigest, PullerError, StoreError
 from .manifest import MAX_MANIFEST_SIZE, Descriptor, ImageIndex, ImageManifest, parse_manifest
 from .platform import Platform, is_unknown, select
 from .reference import Reference
-from .store import ContentStore, default_store_path, partial_bytes
+from .store import ContentStore, default_store_path, entry_ref_name, partial_bytes
 
 __all__ = ["Entry", "StoredImage", "entries", "parse_entry", "find", "images_of", "choose_image",
            "open_blob", "read_manifest", "PULLED_AT", "NoSuchImage"]
@@ -118,13 +118,6 @@ def entries(s: ContentStore) -> list[Entry]:
         if name is not None:
             out.append(Entry(name=name, descriptor=desc, raw=raw))
     return out
-
-
-def _ref_name(raw: object) -> str | None:
-    """The reference name of an index entry, however malformed the rest of it is."""
-    ann = raw.get("annotations") if isinstance(raw, dict) else None
-    name = ann.get(mediatypes.ANNOTATION_REF_NAME) if isinstance(ann, dict) else None
-    return name if isinstance(name, str) else None
 
 
 def find(s: ContentStore, text: str) -> Entry:
@@ -462,7 +455,7 @@ def remove(s: ContentStore, names: Iterable[str]) -> list[str]:
         removed.clear()
         kept = []
         for raw in current:
-            name = _ref_name(raw)
+            name = entry_ref_name(raw)
             if name is not None and name in wanted:
                 removed.append(name)
             else:

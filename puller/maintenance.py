@@ -55,14 +55,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from . import mediatypes
 from .digest import ALGORITHMS, Digest
 from .errors import PullerError, StoreError
 from .inventory import parse_entry
 from .manifest import MAX_MANIFEST_SIZE, Descriptor, ImageIndex, parse_manifest
 from .record import Record
 from .store import (SEGMENTS_SUFFIX, ContentStore, clear_legacy_partial, default_store_path,
-                    partial_bytes)
+                    entry_ref_name, partial_bytes)
 
 __all__ = ["FsckReport", "GcReport", "Problem", "Partial", "fsck", "gc", "add_parsers"]
 
@@ -217,42 +216,6 @@ def _unlink(path: Path) -> bool:
         return True
     except OSError:
         return False
-
-
-def _ref_name(entry: object) -> str | None:
-    """The reference name of an index entry, however malformed the rest of it is."""
-    ann = entry.get("annotations") if isinstance(entry, dict) else None
-    if isinstance(ann, dict):
-        name = ann.get(mediatypes.ANNOTATION_REF_NAME)
-        return name if isinstance(name, str) else None
-    return None
-
-
-def _read_index(s: ContentStore) -> list[object] | None:
-    """Every entry of ``index.json``'s ``manifests`` as stored, malformed ones included
-    (None when there is no index.json). Raises :class:`StoreError` when it can't be read
-    or is not an OCI index."""
-    path = s.root / "index.json"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        try:
-            chunks = []
-            while chunk := os.read(fd, _READ_CHUNK):
-                chunks.append(chunk)
-        finally:
-            os.close(fd)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise StoreError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    try:
-        doc = json.loads(b"".join(chunks))
-        manifests = doc["manifests"]
-        if not isinstance(manifests, list):
-            raise TypeError("manifests is not a list")
-    except (ValueError, KeyError, TypeError, RecursionError) as exc:
-        raise StoreError(f"{path} is not a valid OCI index: {exc}") from exc
-    return manifests
 
 
 def _has_blobs_dir(s: ContentStore) -> bool:
@@ -456,7 +419,7 @@ def _fsck(s: ContentStore, *, repair: bool, threads: int) -> FsckReport:
     # that runs while we scan can't make an entry look dangling.
     entries: list[object] = []
     try:
-        found = _read_index(s)
+        found = s.read_index_raw()
     except StoreError as exc:
         report.problems.append(Problem("invalid-index", "index.json", str(exc)))
     else:
@@ -476,7 +439,7 @@ def _fsck(s: ContentStore, *, repair: bool, threads: int) -> FsckReport:
     for i, entry, why in invalid:
         broken.append(entry)
         report.problems.append(Problem("invalid-entry", "index.json",
-                                       f"manifests[{i}]: {why}", ref=_ref_name(entry)))
+                                       f"manifests[{i}]: {why}", ref=entry_ref_name(entry)))
     for entry, desc, name in valid:
         reason = _why_incomplete(s, good, desc.digest, desc.size, desc.media_type)
         if reason is not None:
@@ -500,12 +463,11 @@ def _repair(s: ContentStore, report: FsckReport, broken: list[object]) -> None:
     if broken:
         bad = {json.dumps(e, sort_keys=True) for e in broken}
 
-        def change(current: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            # Matched by content: update_index reads index.json again under its lock
-            # (entries that aren't JSON objects never come back from it).
+        def change(current: list[Any]) -> list[Any]:
+            # Matched by content: update_index reads index.json again under its lock.
             return [e for e in current if json.dumps(e, sort_keys=True) not in bad]
 
-        s.update_index(change)
+        s.update_index(change, everything=True)
         for p in report.problems:
             if p.kind in ("dangling", "invalid-entry"):
                 p.repaired = True
@@ -561,7 +523,7 @@ def _gc(s: ContentStore, *, dry_run: bool) -> GcReport:
     refuse = "not collecting garbage (run `puller fsck`)"
     index = s.root / "index.json"
     try:
-        entries = _read_index(s)
+        entries = s.read_index_raw()
     except StoreError as exc:
         raise StoreError(f"{exc}; {refuse}") from exc
     if entries is None:
@@ -572,7 +534,7 @@ def _gc(s: ContentStore, *, dry_run: bool) -> GcReport:
     valid, invalid = _parse_index(entries)
     if invalid:
         i, entry, why = invalid[0]
-        name = _ref_name(entry)
+        name = entry_ref_name(entry)
         more = f" (and {len(invalid) - 1} more)" if len(invalid) > 1 else ""
         raise StoreError(f"{index}: entry manifests[{i}]{f' ({name})' if name else ''} "
                          f"is not valid{more}: {why}; {refuse}")

@@ -646,7 +646,13 @@ class ContentStore:
         return json.dumps(doc, indent=2).encode() + b"\n"
 
     def read_index(self) -> list[dict[str, Any]]:
-        """The ``manifests`` entries of ``index.json`` (empty if the store is new)."""
+        """The ``manifests`` entries of ``index.json`` that are JSON objects (empty if the
+        store is new)."""
+        return [e for e in self.read_index_raw() or () if isinstance(e, dict)]
+
+    def read_index_raw(self) -> list[Any] | None:
+        """Every entry of ``index.json``'s ``manifests`` as stored, whatever it is (fsck
+        and gc judge them); None when there is no index.json."""
         try:
             fd = os.open(self._index, os.O_RDONLY | os.O_NOFOLLOW)
             try:
@@ -657,7 +663,7 @@ class ContentStore:
             finally:
                 os.close(fd)
         except FileNotFoundError:
-            return []
+            return None
         except OSError as exc:
             raise _store_error(exc, f"reading {self._index}") from exc
         try:
@@ -665,9 +671,12 @@ class ContentStore:
             entries = doc["manifests"]
             if not isinstance(entries, list):
                 raise TypeError("manifests is not a list")
+        except RecursionError:
+            raise StoreError(f"{self._index} is not a valid OCI index: nested too deeply"
+                             ) from None
         except (ValueError, KeyError, TypeError) as exc:
             raise StoreError(f"{self._index} is not a valid OCI index: {exc}") from exc
-        return [e for e in entries if isinstance(e, dict)]
+        return entries
 
     def sync(self) -> None:
         """fsync the blob directories that gained entries, so every committed blob
@@ -680,12 +689,21 @@ class ContentStore:
                 self._unsynced_dirs.add(d)
                 raise _store_error(exc, f"syncing {d}") from exc
 
-    def update_index(self, change: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]) -> None:
-        """Apply ``change`` to the index entries under the inter-process lock, atomically."""
+    def update_index(self, change: Callable[[list[Any]], list[Any]], *,
+                     everything: bool = False) -> None:
+        """Apply ``change`` to the index entries under the inter-process lock, atomically.
+        ``change`` sees the entries that are JSON objects; the others are kept as they are,
+        for fsck to report, unless ``everything`` hands it those too (fsck's repair)."""
         self.sync()
         try:
             with self._index_lock():
-                write_atomic(self._index, self._dump_index(change(self.read_index())))
+                entries = self.read_index_raw() or []
+                if everything:
+                    changed = change(entries)
+                else:
+                    odd = [e for e in entries if not isinstance(e, dict)]
+                    changed = change([e for e in entries if isinstance(e, dict)]) + odd
+                write_atomic(self._index, self._dump_index(changed))
         except OSError as exc:
             raise _store_error(exc, f"updating {self._index}") from exc
 
@@ -693,20 +711,26 @@ class ContentStore:
         """Point ``ref_name`` (a normalised reference) at ``descriptor``, replacing any
         earlier entry with that name."""
         entry = dict(descriptor)
-        annotations = dict(entry.get("annotations") or {})
+        given = entry.get("annotations")
+        annotations = dict(given) if isinstance(given, dict) else {}
         annotations[mediatypes.ANNOTATION_REF_NAME] = ref_name
         entry["annotations"] = annotations
 
         def change(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            kept = [e for e in entries
-                    if (e.get("annotations") or {}).get(mediatypes.ANNOTATION_REF_NAME) != ref_name]
-            return kept + [entry]
+            return [e for e in entries if entry_ref_name(e) != ref_name] + [entry]
 
         self.update_index(change)
 
     def lookup(self, ref_name: str) -> dict[str, Any] | None:
         """The index entry named ``ref_name``, if any."""
         for e in self.read_index():
-            if (e.get("annotations") or {}).get(mediatypes.ANNOTATION_REF_NAME) == ref_name:
+            if entry_ref_name(e) == ref_name:
                 return e
         return None
+
+
+def entry_ref_name(entry: object) -> str | None:
+    """The reference name of an ``index.json`` entry, however malformed the rest of it is."""
+    ann = entry.get("annotations") if isinstance(entry, dict) else None
+    name = ann.get(mediatypes.ANNOTATION_REF_NAME) if isinstance(ann, dict) else None
+    return name if isinstance(name, str) else None

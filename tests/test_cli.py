@@ -223,6 +223,24 @@ def test_an_empty_store_path_is_refused(image, tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing made in the current directory
 
 
+def test_odd_index_entries_neither_stop_a_pull_nor_vanish(image, store_dir):
+    ref, img = image
+    store_dir.mkdir(parents=True)
+    odd = [5, {"mediaType": "x", "annotations": ["not", "a", "mapping"]}]
+    (store_dir / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": odd}))
+    (store_dir / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    for _ in range(2):  # the engine's path, then the already-current one
+        r = run("pull", "-q", ref, store=store_dir)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    kept = json.loads((store_dir / "index.json").read_text())["manifests"]
+    assert odd[0] in kept and odd[1] in kept  # left for fsck to report, not dropped
+    assert run("fsck", store=store_dir).returncode == 1
+    (store_dir / "index.json").write_text("[" * 100_000)
+    r = run("images", store=store_dir)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1 and "nested too deeply" in r.stderr
+
+
 def test_store_from_environment(image, tmp_path):
     ref, img = image
     store = tmp_path / "env-store"
