@@ -36,8 +36,9 @@ are waited for (``--wait``), and pulls that start meanwhile wait for gc, so a bl
 pull has stored or found present is always named in ``index.json`` before gc can look.
 
 gc removes nothing at all when it can't be sure what is in use: when ``index.json`` is
-missing (while ``blobs/`` is there) or unreadable, or when any of its entries is not a
-valid descriptor. It says so on one line and fails; ``puller fsck`` shows the problem.
+missing (while ``blobs/`` is there) or unreadable, when any of its entries is not a
+valid descriptor, or when a manifest in use can't be read or parsed. It says so on one
+line and fails; ``puller fsck`` shows the problem (and ``--repair`` drops the entry).
 
 ``add_parsers(sub)`` registers both subcommands on the command line; importing this
 module stays cheap (no aiohttp).
@@ -491,8 +492,10 @@ def _reachable(s: ContentStore, entries: list[Descriptor],
         try:
             parsed = parse_manifest(s.read(d, max_size=MAX_MANIFEST_SIZE), mt)
         except PullerError as exc:
-            warnings.append(f"kept {d} but could not follow it: {exc}")
-            continue
+            # What it names can't be known: collecting now could take an image's layers
+            # (in an air-gapped store, maybe their only copy) because one blob went bad.
+            raise StoreError(f"manifest {d} is in use but can't be read ({exc}); not "
+                             "collecting garbage (run `puller fsck`)") from None
         if isinstance(parsed, ImageIndex):
             for child in parsed.manifests:
                 todo.append((child.digest, child.media_type, depth + 1))
@@ -509,8 +512,8 @@ def gc(store: str | os.PathLike[str] | ContentStore, *, dry_run: bool = False,
     Holds the store exclusively (waiting up to ``wait`` seconds for running pulls, then
     raising :class:`puller.store.StoreBusy`); ``dry_run`` only reports. Refuses to run
     (raises :class:`StoreError`, removing nothing) when index.json is missing, can't be
-    read or has an entry that is not a valid descriptor, since then nothing is known to
-    be reachable."""
+    read or has an entry that is not a valid descriptor, or when a manifest in use can't be
+    read, since then nothing is known to be reachable."""
     s = _open_store(store)
     if dry_run:
         return _gc(s, dry_run=True)
@@ -652,8 +655,10 @@ def _fail(message: str, as_json: bool) -> int:
 
 def _run(args: argparse.Namespace, work: Callable[[Path], Any]) -> Any:
     """Run ``work`` on the store; an int is an exit code for a failure already told."""
-    if args.wait < 0:
-        print("puller: --wait must not be negative", file=sys.stderr)
+    from .cli import MAX_SECONDS
+
+    if not 0 <= args.wait <= MAX_SECONDS:  # (also false for nan)
+        print(f"puller: --wait must be from 0 to {MAX_SECONDS} seconds", file=sys.stderr)
         return EXIT_USAGE
     try:
         return work(_store_arg(args))

@@ -156,8 +156,10 @@ def test_missing_store_and_usage_errors(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
     r = cli("gc", "--bogus")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    r = cli("gc", "--wait", "-1", "--store", str(tmp_path))
-    assert r.returncode == 2
+    for cmd in ("gc", "fsck"):
+        for wait in ("-1", "nan", "inf", "1e12"):
+            r = cli(cmd, "--wait", wait, "--store", str(tmp_path))
+            assert r.returncode == 2 and r.stderr.startswith("puller: --wait must be"), wait
 
 
 async def test_gc_removes_what_no_entry_reaches(registry, unique_repo, store_dir):
@@ -430,3 +432,16 @@ async def test_gc_refusal_names_the_bad_entry_among_good_ones(pulled):
     report = fsck(store)
     assert report.entries == 2 and [(p.kind, p.ref) for p in report.problems] == [
         ("invalid-entry", "x/y:z")]
+
+
+async def test_gc_refuses_while_a_manifest_in_use_cant_be_read(pulled):
+    """One bad manifest blob must not cost the image its layers (in an air-gapped store
+    they may be the only copy): gc stops, fsck names it, --repair drops the entry."""
+    store, ref, img, go = pulled
+    await go()
+    blob(store, img.digest).write_bytes(b"{ not a manifest")
+    assert_gc_refuses(store, img.digest, "can't be read")
+    assert all(blob(store, d).exists() for d in img.layer_digests)
+    report = fsck(store, repair=True)
+    assert "dangling" in kinds(report)
+    assert gc(store).blobs_removed  # with the entry gone, its blobs are garbage now
