@@ -334,11 +334,11 @@ class Registry:
         start, end = 0, size - 1
         status = 200
         rng = request.headers.get("Range")
-        if rng:
-            parsed = _parse_range(rng, size)
-            if parsed is None:
-                headers = {**_API_VERSION, "Content-Range": f"bytes */{size}"}
-                return web.Response(status=416, headers=headers)
+        parsed = _parse_range(rng, size) if rng else _WHOLE
+        if parsed is None:
+            headers = {**_API_VERSION, "Content-Range": f"bytes */{size}"}
+            return web.Response(status=416, headers=headers)
+        if parsed is not _WHOLE:
             start, end = parsed
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
@@ -382,11 +382,16 @@ def _size(s: ContentStore, d: Digest) -> int | None:
     return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
+_WHOLE = (-1, -1)  # _parse_range: send the whole blob
+
+
 def _parse_range(value: str, size: int) -> tuple[int, int] | None:
-    """A single ``bytes=`` range -> (first, last) inclusive; None if unsatisfiable."""
+    """A single ``bytes=`` range -> (first, last) inclusive; None if unsatisfiable (416);
+    ``_WHOLE`` for a header to ignore, as RFC 9110 has it: another unit, several ranges
+    (which puller's clients never ask for) or one that isn't a range at all."""
     m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", value)
     if m is None or (not m.group(1) and not m.group(2)):
-        return None
+        return _WHOLE
     if not m.group(1):  # suffix: the last N bytes
         n = int(m.group(2))
         if n == 0 or size == 0:
@@ -394,7 +399,9 @@ def _parse_range(value: str, size: int) -> tuple[int, int] | None:
         return max(0, size - n), size - 1
     first = int(m.group(1))
     last = int(m.group(2)) if m.group(2) else size - 1
-    if first >= size or last < first:
+    if last < first:
+        return _WHOLE
+    if first >= size:
         return None
     return first, min(last, size - 1)
 

@@ -150,6 +150,10 @@ def test_api_endpoints(served):
     status, h, _ = server.request("GET", f"/v2/{path}/blobs/{d}",
                                   {"Range": f"bytes={len(layer)}-"})
     assert status == 416
+    # A Range header that isn't one single byte range is ignored (RFC 9110): all of it.
+    for odd in ("garbage", "items=0-5", "bytes=0-1,5-6", "bytes=20-10", "bytes=-"):
+        status, h, body = server.request("GET", f"/v2/{path}/blobs/{d}", {"Range": odd})
+        assert status == 200 and body == layer and "Content-Range" not in h, odd
 
     status, _, body = server.request("GET", f"/v2/{path}/tags/list")
     assert status == 200 and json.loads(body) == {"name": path, "tags": ["multi", "single"]}
