@@ -398,11 +398,11 @@ def _parse_range(value: str, size: int) -> tuple[int, int] | None:
             return None
         return max(0, size - n), size - 1
     first = int(m.group(1))
-    last = int(m.group(2)) if m.group(2) else size - 1
-    if last < first:
+    if m.group(2) and int(m.group(2)) < first:  # not a range
         return _WHOLE
     if first >= size:
         return None
+    last = int(m.group(2)) if m.group(2) else size - 1
     return first, min(last, size - 1)
 
 
