@@ -870,7 +870,7 @@ class RegistryClient:
             if resp.status not in (201, 204):
                 err = await self._error_for(resp, ref.api_host, what)
                 if err.code in ("DIGEST_INVALID", "SIZE_INVALID"):
-                    err = DigestMismatch(f"{ref.api_host} refused blob {digest}: the bytes "
+                    raise DigestMismatch(f"{ref.api_host} refused blob {digest}: the bytes "
                                          f"sent do not hash to it")
                 raise err
 

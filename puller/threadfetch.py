@@ -190,8 +190,9 @@ def open_get(req: BlobRequest, offset: int, size: int, *, handle: Handle,
             handle.attach(None)
             raise
         try:
-            if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
-                followed = redirect_target(url, resp.getheader("Location"))
+            location = resp.getheader("Location")
+            if resp.status in (301, 302, 303, 307, 308) and location:
+                followed = redirect_target(url, location)
                 if followed is None:  # the registry client says why
                     raise NotPlain("unusable redirect")
                 url = followed
