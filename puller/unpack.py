@@ -623,6 +623,11 @@ def unpack_command(args: argparse.Namespace) -> int:
     except (UnpackError, DigestMismatch) as exc:
         print(f"puller: {exc} ({args.dir} is left incomplete)", file=sys.stderr)
         return 1
+    except OSError as exc:  # a full disk, a quota, ...: while writing into DIR
+        what = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+        print(f"puller: cannot unpack into {args.dir}: {what} ({args.dir} is left "
+              "incomplete)", file=sys.stderr)
+        return 1
     for w in report.warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(f"unpacked {report.layers} layers ({report.entries} entries) into {args.dir}")

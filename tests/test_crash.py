@@ -171,3 +171,20 @@ def test_disk_full_is_a_clear_error_and_the_store_stays_valid(registry, unique_r
     assert fsck(store).ok  # the partial download is kept in ingest/, nothing else is wrong
     big = img.layer_digests[0]
     assert not (store / "blobs" / "sha256" / big.split(":")[1]).exists()
+
+
+def test_unpack_onto_a_full_disk_says_where(registry, unique_repo, tmp_path, small_disk):
+    img = build_image(seed=403, layer_sizes=[3_000_000])
+    push(registry.url, unique_repo, "fat", img)
+    store = tmp_path / "store"
+    ref = f"{registry.host}/{unique_repo}:fat"
+    p = start("pull", "-q", "--store", str(store), ref)
+    p.communicate(timeout=120)
+    assert p.returncode == 0
+    root = small_disk / "rootfs"
+    p = start("unpack", "--store", str(store), ref, str(root))
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 1
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"puller: cannot unpack into {root}: No space left on device"), err
+    assert line.endswith("is left incomplete)")
