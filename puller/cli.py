@@ -216,6 +216,10 @@ def run() -> NoReturn:
     the ``atexit`` handlers and leaves with ``os._exit``. Otherwise (a thread still at
     work, an interpreter without ``atexit._run_exitfuncs``) it exits the usual way.
     """
+    # A SIGTERM (a service manager, a Kubernetes pod ending, `timeout`) ends a command the
+    # way Ctrl-C does: partial work cleaned up or kept to resume, "interrupted", exit 130.
+    # Commands that run an event loop cancel their task on it instead while it runs.
+    signal.signal(signal.SIGTERM, _terminated)
     rc = main()
     import atexit
     import threading
@@ -230,6 +234,10 @@ def run() -> NoReturn:
             pass
     run_exitfuncs()
     os._exit(rc)
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 # -- pull --------------------------------------------------------------------------------

@@ -188,3 +188,23 @@ def test_unpack_onto_a_full_disk_says_where(registry, unique_repo, tmp_path, sma
     (line,) = err.strip().splitlines()
     assert line.startswith(f"puller: cannot unpack into {root}: No space left on device"), err
     assert line.endswith("is left incomplete)")
+
+
+def test_sigterm_during_save_removes_its_temporary_file(registry, unique_repo, tmp_path):
+    img = build_image(seed=404, layer_sizes=[24_000_000])
+    push(registry.url, unique_repo, "sv", img)
+    store, ref = tmp_path / "store", f"{registry.host}/{unique_repo}:sv"
+    p = start("pull", "-q", "--store", str(store), ref)
+    p.communicate(timeout=120)
+    assert p.returncode == 0
+    out = tmp_path / "out" / "image.tar"
+    out.parent.mkdir()
+    p = start("save", "--uncompressed", "--store", str(store), ref, "-o", str(out))
+    deadline = time.monotonic() + 60
+    while not list(out.parent.iterdir()) and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert p.poll() is None, "save ended before its temporary file could be seen"
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert (p.returncode, err) == (130, "puller: interrupted\n")
+    assert list(out.parent.iterdir()) == []  # no half archive, no temporary file
