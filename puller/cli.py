@@ -172,6 +172,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     with guarded_stdout() as out:
         try:
             rc = _command(list(sys.argv[1:] if argv is None else argv))
+        except KeyboardInterrupt:  # where a command had nothing of its own to say
+            print("puller: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except EOFError:  # a prompt (login) met the end of standard input
+            print("puller: standard input ended before the answer", file=sys.stderr)
+            return EXIT_USAGE
         except SystemExit as exc:  # argparse's --help and --version end this way
             if exc.code in (0, None):
                 out.flush()

@@ -721,6 +721,36 @@ class ContentStore:
 
         self.update_index(change)
 
+    def copy_ref(self, source: str, target: str, *, wait: float = 60.0) -> bool:
+        """Name ``target`` what ``source`` names (``puller tag``); False when the store has
+        no ``source``. Done as a pull is, so that no ``rmi`` and ``gc`` in between can
+        leave ``target`` naming blobs that are gone: under a pull's hold on the store
+        (waiting up to ``wait`` seconds while a gc runs) and within one update of
+        index.json."""
+        deadline = time.monotonic() + wait
+        while (pin := self.pin()) is None:
+            if time.monotonic() >= deadline:
+                raise StoreBusy(f"store {self.root} is busy: a gc or repair is in progress "
+                                "(try again later)")
+            time.sleep(0.05)
+        found = False
+        try:
+            def change(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+                nonlocal found
+                entry = next((e for e in entries if entry_ref_name(e) == source), None)
+                if entry is None:
+                    return entries
+                found = True
+                named = {k: v for k, v in entry.items() if k != "annotations"}
+                named["annotations"] = {mediatypes.ANNOTATION_REF_NAME: target}
+                return [e for e in entries if entry_ref_name(e) != target] + [named]
+
+            if self.lookup(source) is not None:  # no index.json write for nothing
+                self.update_index(change)
+        finally:
+            os.close(pin)
+        return found
+
     def lookup(self, ref_name: str) -> dict[str, Any] | None:
         """The index entry named ``ref_name``, if any."""
         for e in self.read_index():

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -364,3 +366,37 @@ def test_warm_repull_is_one_round_trip_without_the_engine(registry, proxy, uniqu
     pinned = probe("pull", "-q", f"{proxy.host}/{unique_repo}@{newer.digest}", store=store_dir)
     assert "AIOHTTP-NOT-LOADED" in pinned.stdout
     assert proxy.requests == []
+
+
+def _blocked_reading_stdin(proc: subprocess.Popen) -> bool:
+    """The process sits in read(0, ...) (Linux /proc: syscall 0 on x86-64, fd 0)."""
+    try:
+        fields = Path(f"/proc/{proc.pid}/syscall").read_text().split()
+    except OSError:
+        return False
+    return len(fields) > 1 and fields[0] == "0" and fields[1] == "0x0"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_login_prompt_is_one_line(sig, tmp_path):
+    import platform
+
+    if platform.machine() != "x86_64":
+        pytest.skip("reads x86-64 syscall numbers from /proc")
+    e = {k: v for k, v in os.environ.items() if k != "PULLER_STORE"}
+    e["DOCKER_CONFIG"] = str(tmp_path)
+    p = subprocess.Popen([sys.executable, "-m", "puller", "login", "-u", "bob",
+                          "--password-stdin", "127.0.0.1:9"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
+    try:
+        deadline = time.monotonic() + 60
+        while not _blocked_reading_stdin(p) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _blocked_reading_stdin(p), "login never waited for its password"
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert (p.returncode, err) == (130, "puller: interrupted\n")
+    assert list(tmp_path.iterdir()) == []  # nothing saved

@@ -233,6 +233,26 @@ def test_gc_and_pulls_exclude_each_other(tmp_path):
     os.close(pin)
 
 
+def test_tag_is_done_as_a_pull_is(tmp_path):
+    """copy_ref (puller tag) reads the source and names the target in one update of
+    index.json, under a pull's hold: no rmi and gc can come in between."""
+    s = ContentStore(tmp_path / "s").init()
+    entry = {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+             "digest": "sha256:" + "a" * 64, "size": 10,
+             "annotations": {"org.opencontainers.image.ref.name": "x.io/a:1",
+                             "io.puller.pulled-at": "2026-01-01T00:00:00Z"}}
+    s.update_index(lambda entries: entries + [entry])
+    assert s.copy_ref("x.io/a:1", "y.io/b:2")
+    tagged = s.lookup("y.io/b:2")
+    assert tagged is not None and tagged["digest"] == entry["digest"]
+    assert tagged["annotations"] == {"org.opencontainers.image.ref.name": "y.io/b:2"}
+    assert not s.copy_ref("x.io/missing:1", "y.io/c:3") and s.lookup("y.io/c:3") is None
+    with s.exclusive(wait=0):  # a gc is running: tag waits for it, then gives up
+        with pytest.raises(StoreBusy, match="a gc or repair"):
+            s.copy_ref("x.io/a:1", "y.io/d:4", wait=0.2)
+    assert s.lookup("y.io/d:4") is None
+
+
 def test_gc_while_a_pull_is_in_flight(registry, proxy, unique_repo, store_dir):
     """A pull has committed some blobs but not yet named them in index.json when gc runs:
     gc must leave them alone (without the protocol it would delete them as unreachable)."""
