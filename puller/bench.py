@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import StoreError
 from .fsutil import write_all
 
 __all__ = ["RunStats", "BenchReport", "bench", "machine_rates"]
@@ -163,7 +164,12 @@ async def bench(ref: str, *, runs: int, concurrencies: list[int], warm: bool,
                 options: Any, client_options: Any, work_dir: str | None = None,
                 progress: Any = None) -> BenchReport:
     """Pull ``ref`` ``runs`` times per concurrency into throw-away stores."""
-    base = Path(tempfile.mkdtemp(prefix="puller-bench-", dir=work_dir))
+    try:
+        base = Path(tempfile.mkdtemp(prefix="puller-bench-", dir=work_dir))
+    except OSError as exc:  # (FileNotFoundError too: "no usable temporary directory")
+        where = work_dir or "the temporary directory ($TMPDIR)"
+        raise StoreError(f"bench: cannot make its throw-away stores in {where}: "
+                         f"{exc.strerror or exc} (give --work-dir)") from None
     try:
         hash_mbps, disk_mbps = await asyncio.to_thread(machine_rates, base)
         all_runs: list[RunStats] = []

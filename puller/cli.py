@@ -527,6 +527,7 @@ def _bench_command(args: argparse.Namespace) -> int:
         print(f"puller: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
+        print("puller: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     if args.json:
         _json_line(sys.stdout, bench_mod.report_json(report))

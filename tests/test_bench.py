@@ -48,3 +48,11 @@ def test_bench_bad_input_is_one_line(tmp_path):
         r = run("bench", *args, "127.0.0.1:9/x:1", env={})
         assert r.returncode == 2, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_bench_without_a_usable_work_dir_is_one_line():
+    # /proc is a directory in which nobody, root included, can make one.
+    r = run("bench", "--work-dir", "/proc", "127.0.0.1:9/x:1", env={})
+    assert r.returncode == 1
+    assert r.stderr.startswith("puller: bench: cannot make its throw-away stores in /proc")
+    assert r.stderr.count("\n") == 1
