@@ -168,8 +168,9 @@ async def bench(ref: str, *, runs: int, concurrencies: list[int], warm: bool,
         base = Path(tempfile.mkdtemp(prefix="puller-bench-", dir=work_dir))
     except OSError as exc:  # (FileNotFoundError too: "no usable temporary directory")
         where = work_dir or "the temporary directory ($TMPDIR)"
+        hint = "" if work_dir else " (give --work-dir)"
         raise StoreError(f"bench: cannot make its throw-away stores in {where}: "
-                         f"{exc.strerror or exc} (give --work-dir)") from None
+                         f"{exc.strerror or exc}{hint}") from None
     try:
         hash_mbps, disk_mbps = await asyncio.to_thread(machine_rates, base)
         all_runs: list[RunStats] = []
