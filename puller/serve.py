@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import re
 import signal
@@ -244,11 +245,16 @@ class Registry:
         if (failed := await self._refresh(head)) is not None:
             return failed
         found = self._lookup_manifest(name, ident)
+        upstream_error = None
         if found is None and self.puller is not None:
-            await self._pull_through(name, ident)
+            upstream_error = await self._pull_through(name, ident)
             if (failed := await self._refresh(head)) is not None:
                 return failed
             found = self._lookup_manifest(name, ident)
+        if found is None and upstream_error is not None:
+            # Not "unknown": the upstream could not be asked (down, refusing, timing
+            # out), and a client must not take that for an image that doesn't exist.
+            return _error(502, "UNKNOWN", f"pull-through failed: {upstream_error}", head)
         if found is None:
             return _error(404, "MANIFEST_UNKNOWN", "manifest unknown", head)
         digest, media_type = found
@@ -280,30 +286,32 @@ class Registry:
             return None
         return desc.digest, repo.manifests[desc.digest]
 
-    async def _pull_through(self, name: str, ident: str) -> None:
+    async def _pull_through(self, name: str, ident: str) -> PullerError | None:
+        """Pull ``name``/``ident`` from the upstream into the store; the error when the
+        upstream could not be asked (None when it was, even if it has no such image)."""
         registry, repository = stored_name(name)
         if ":" in ident:
             try:
                 d = Digest.parse(ident)
             except InvalidDigest:
-                return
+                return None
             text = f"{registry}/{repository}@{d}"
         elif _TAG_RE.fullmatch(ident):
             text = f"{registry}/{repository}:{ident}"
         else:
-            return
+            return None
         try:
             ref = Reference.parse(text)
         except PullerError:
-            return
+            return None
         fut = self._inflight.get(text)
         if fut is None:
             fut = asyncio.ensure_future(self._pull(ref))
             self._inflight[text] = fut
             fut.add_done_callback(lambda _f: self._inflight.pop(text, None))
-        await asyncio.shield(fut)
+        return await asyncio.shield(fut)
 
-    async def _pull(self, ref: Reference) -> None:
+    async def _pull(self, ref: Reference) -> PullerError | None:
         try:
             await self.puller.pull(ref)
         except NotFound:
@@ -311,6 +319,8 @@ class Registry:
         except PullerError as exc:
             print(f"puller serve: pull-through of {ref} failed: {exc}", file=sys.stderr,
                   flush=True)
+            return exc
+        return None
 
     async def blob(self, request: web.Request, name: str, ident: str,
                    head: bool) -> web.StreamResponse:
@@ -357,21 +367,42 @@ class Registry:
             resp = web.StreamResponse(status=status, headers=headers)
             await resp.prepare(request)
             pos, left = start, length
-            while left > 0:
-                chunk = await loop.run_in_executor(None, os.pread, f.fileno(),
-                                                   min(_CHUNK, left), pos)
-                if not chunk:
-                    break
-                await resp.write(chunk)
-                pos += len(chunk)
-                left -= len(chunk)
-            await resp.write_eof()
+            try:
+                while left > 0:
+                    chunk = await loop.run_in_executor(None, os.pread, f.fileno(),
+                                                       min(_CHUNK, left), pos)
+                    if not chunk:
+                        break
+                    await resp.write(chunk)
+                    pos += len(chunk)
+                    left -= len(chunk)
+                await resp.write_eof()
+            except ConnectionResetError:  # the client went away mid-blob: its business
+                pass
             return resp
         finally:
             f.close()
 
     async def read_only(self, request: web.Request) -> web.Response:
         return _error(405, "UNSUPPORTED", "this registry is read-only")
+
+
+class _OneLine(logging.Handler):
+    """aiohttp's own errors (a client that sent a 70,000-character request line, or hung
+    up mid-answer) as one line on stderr, not a traceback: the server goes on."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        exc = record.exc_info[1] if record.exc_info else None
+        why = f": {type(exc).__name__}: {' '.join(str(exc).split())[:200]}" if exc else ""
+        print(f"puller serve: {record.getMessage()}{why}", file=sys.stderr, flush=True)
+
+
+def _quiet_server_errors() -> None:
+    for name in ("aiohttp.server", "aiohttp.web", "aiohttp.access"):
+        log = logging.getLogger(name)
+        if not any(isinstance(h, _OneLine) for h in log.handlers):
+            log.addHandler(_OneLine())
+        log.propagate = False
 
 
 def _size(s: ContentStore, d: Digest) -> int | None:
@@ -460,6 +491,7 @@ async def _serve(args: argparse.Namespace, s: ContentStore, host: str, port: int
             raise ValueError("--tls-cert and --tls-key go together")
         ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_ctx.load_cert_chain(args.tls_cert, args.tls_key)
+    _quiet_server_errors()
     runner = web.AppRunner(make_app(s, puller=puller), access_log=None, handle_signals=False)
     await runner.setup()
     try:

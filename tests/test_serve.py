@@ -150,6 +150,9 @@ def test_api_endpoints(served):
     status, h, _ = server.request("GET", f"/v2/{path}/blobs/{d}",
                                   {"Range": f"bytes={len(layer)}-"})
     assert status == 416
+    # A request line far too long: refused by the server, one log line, no traceback.
+    status, _, _ = server.request("GET", "/v2/" + "a" * 70_000)
+    assert status in (400, 414)
     # A Range header that isn't one single byte range is ignored (RFC 9110): all of it.
     for odd in ("garbage", "items=0-5", "bytes=0-1,5-6", "bytes=20-10", "bytes=-"):
         status, h, body = server.request("GET", f"/v2/{path}/blobs/{d}", {"Range": odd})
@@ -226,8 +229,13 @@ def test_pull_through_upstream(registry, unique_repo, tmp_path):
         assert r.returncode == 0, r.stderr
         status, _, _ = server.request("GET", f"/v2/{path}/manifests/missing")
         assert status == 404
+        # An upstream that can't be asked is not an image that doesn't exist.
+        down = served_path("127.0.0.1:9", "nothing/here")
+        status, _, body = server.request("GET", f"/v2/{down}/manifests/v1")
+        assert status == 502 and b"pull-through failed" in body
     finally:
         assert server.stop() == 0, server.stderr
+    assert "Traceback" not in server.stderr
     r = puller("images", "-q", "--store", str(store))
     assert r.stdout.split() == [f"{registry.host}/{unique_repo}:v1"]
 
