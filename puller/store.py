@@ -32,6 +32,7 @@ import fcntl
 import json
 import os
 import stat
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -408,6 +409,11 @@ class ContentStore:
         self._ingest = self.root / "ingest"
         self._index = self.root / "index.json"
         self._unsynced_dirs: set[Path] = set()  # see BlobWriter.commit and sync()
+        # update_index's group commit: changes queued by this process's threads, and the
+        # one thread at a time that writes them.
+        self._index_queue: list[_IndexChange] = []
+        self._index_queue_lock = threading.Lock()
+        self._index_writer = threading.Lock()
         self._blob_dirs: set[Path] = set()  # checked by _blob_dir
 
     # -- setup -------------------------------------------------------------------------
@@ -641,9 +647,13 @@ class ContentStore:
             os.close(fd)
 
     @staticmethod
-    def _dump_index(manifests: list[dict[str, Any]]) -> bytes:
-        doc = {"schemaVersion": 2, "mediaType": mediatypes.OCI_INDEX, "manifests": manifests}
-        return json.dumps(doc, indent=2).encode() + b"\n"
+    def _dump_index(manifests: list[Any]) -> bytes:
+        # One entry a line: as easy to read and diff as an indented file, and written by
+        # json's C encoder (indent= takes the pure-Python one: twice the time, rewritten
+        # for every image pulled into a store of thousands).
+        head = json.dumps({"schemaVersion": 2, "mediaType": mediatypes.OCI_INDEX})[:-1]
+        lines = ",\n".join(json.dumps(m) for m in manifests)
+        return f'{head}, "manifests": [\n{lines}\n]}}\n'.encode()
 
     def read_index(self) -> list[dict[str, Any]]:
         """The ``manifests`` entries of ``index.json`` that are JSON objects (empty if the
@@ -693,17 +703,42 @@ class ContentStore:
                      everything: bool = False) -> None:
         """Apply ``change`` to the index entries under the inter-process lock, atomically.
         ``change`` sees the entries that are JSON objects; the others are kept as they are,
-        for fsck to report, unless ``everything`` hands it those too (fsck's repair)."""
+        for fsck to report, unless ``everything`` hands it those too (fsck's repair).
+
+        Group commit: changes that this process's threads queue while index.json is being
+        written go into the next write together, in the order they came. Pulling many
+        images at once then rewrites the file once per batch, not once per image (whose
+        cost grows with the index: 1000 images named from 8 threads took 4.3 s)."""
+        job = _IndexChange(change, everything)
+        with self._index_queue_lock:
+            self._index_queue.append(job)
+        with self._index_writer:
+            if not job.done:
+                with self._index_queue_lock:
+                    batch, self._index_queue = self._index_queue, []
+                try:
+                    self._write_changes(batch)
+                except BaseException as exc:
+                    for j in batch:
+                        j.error = exc
+                finally:
+                    for j in batch:
+                        j.done = True
+        if job.error is not None:
+            raise job.error
+
+    def _write_changes(self, batch: list[_IndexChange]) -> None:
         self.sync()
         try:
             with self._index_lock():
                 entries = self.read_index_raw() or []
-                if everything:
-                    changed = change(entries)
-                else:
-                    odd = [e for e in entries if not isinstance(e, dict)]
-                    changed = change([e for e in entries if isinstance(e, dict)]) + odd
-                write_atomic(self._index, self._dump_index(changed))
+                for job in batch:
+                    if job.everything:
+                        entries = job.change(entries)
+                    else:
+                        odd = [e for e in entries if not isinstance(e, dict)]
+                        entries = job.change([e for e in entries if isinstance(e, dict)]) + odd
+                write_atomic(self._index, self._dump_index(entries))
         except OSError as exc:
             raise _store_error(exc, f"updating {self._index}") from exc
 
@@ -757,6 +792,18 @@ class ContentStore:
             if entry_ref_name(e) == ref_name:
                 return e
         return None
+
+
+class _IndexChange:
+    """One caller's change to index.json, waiting for (or done by) a group commit."""
+
+    __slots__ = ("change", "everything", "done", "error")
+
+    def __init__(self, change: Callable[[list[Any]], list[Any]], everything: bool) -> None:
+        self.change = change
+        self.everything = everything
+        self.done = False
+        self.error: BaseException | None = None
 
 
 def entry_ref_name(entry: object) -> str | None:

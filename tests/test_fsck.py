@@ -253,6 +253,37 @@ def test_tag_is_done_as_a_pull_is(tmp_path):
     assert s.lookup("y.io/d:4") is None
 
 
+def test_index_updates_from_many_threads_all_land(tmp_path):
+    """update_index's group commit: every change from every thread is in index.json, in
+    a valid file, whichever thread happened to write it."""
+    import threading
+
+    s = ContentStore(tmp_path / "s").init()
+    desc = {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": "sha256:" + "b" * 64, "size": 7}
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            for i in range(40):
+                s.set_ref(f"x.io/t{k}:{i}", desc)
+                if i % 10 == 0:
+                    s.copy_ref(f"x.io/t{k}:{i}", f"x.io/copy{k}:{i}")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    names = {e["annotations"]["org.opencontainers.image.ref.name"]
+             for e in json.loads((s.root / "index.json").read_text())["manifests"]}
+    assert len(names) == 8 * 40 + 8 * 4
+    assert fsck(s.root).entries == len(names)
+
+
 def test_gc_while_a_pull_is_in_flight(registry, proxy, unique_repo, store_dir):
     """A pull has committed some blobs but not yet named them in index.json when gc runs:
     gc must leave them alone (without the protocol it would delete them as unreachable)."""
