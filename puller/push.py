@@ -387,18 +387,26 @@ class Transfer:
 
     async def aclose(self) -> None:
         """Cancel uploads nobody waits for any more (each blob's task is shielded from
-        the images that wait on it), stop the upload threads and close their
-        connections."""
-        tasks = [t for t in self._blobs.values() if not t.done()]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        the images that wait on it) and wait until they have ended, stop the upload
+        threads and close their connections. Runs to its end even when cancelled
+        (everything it waits for is bounded: the threads were told to stop), then
+        re-raises the cancellation."""
+        cancelled = False
+        while True:
+            tasks = [t for t in self._blobs.values() if not t.done()]
+            if not tasks:
+                break
+            for t in tasks:
+                t.cancel()
+            cancelled |= await _settle(asyncio.gather(*tasks, return_exceptions=True))
         threads, self._threads = self._threads, None
         if threads is not None:
-            await asyncio.to_thread(threads.shutdown, wait=True)
+            cancelled |= await _settle(asyncio.to_thread(threads.shutdown, wait=True))
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+        if cancelled:
+            raise asyncio.CancelledError
 
     # -- blobs --------------------------------------------------------------------------
 
@@ -783,3 +791,18 @@ async def _gather_all(*aws: Any) -> list[Any]:
                     other.exception()
             raise t.exception()  # type: ignore[misc]
     return [t.result() for t in tasks]
+
+
+async def _settle(aw: Any) -> bool:
+    """Wait until ``aw`` has ended, even through cancellation; its outcome is dropped
+    (marked retrieved). True when we were cancelled meanwhile (the caller re-raises)."""
+    fut = asyncio.ensure_future(aw)
+    cancelled = False
+    while not fut.done():
+        try:
+            await asyncio.wait([fut])
+        except asyncio.CancelledError:
+            cancelled = True
+    if not fut.cancelled():
+        fut.exception()
+    return cancelled
