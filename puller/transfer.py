@@ -289,12 +289,10 @@ def _tag_command(args: argparse.Namespace) -> int:
         return _usage(out, str(exc))
     store = ContentStore(args.store or default_store_path())
     try:
-        entry = store.lookup(str(src)) if (store.root / "index.json").exists() else None
-        if entry is None:
+        # Read and named in one update, as a pull names an image: see copy_ref.
+        if not (store.root / "index.json").exists() or not store.copy_ref(str(src), str(dst)):
             out.error(f"{src} is not in the store {store.root} (pull it first)")
             return EXIT_FAILED
-        descriptor = {k: v for k, v in entry.items() if k != "annotations"}
-        store.set_ref(str(dst), descriptor)
     except PullerError as exc:
         out.error(str(exc))
         return EXIT_FAILED
