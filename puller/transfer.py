@@ -227,8 +227,8 @@ def _run(coro_fn: Callable[[], Any], out: _Out) -> int:
         finally:
             _close_loop(loop)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if signals or result is None:
         out.error("interrupted")
         return EXIT_INTERRUPTED
