@@ -304,7 +304,6 @@ def _pull_command(args: argparse.Namespace) -> int:
     else:
         view = _TextView(refs, bars=not args.no_progress and sys.stderr.isatty())
 
-    import asyncio
 
     try:
         current = _already_current(refs, args, platform, client_options)
@@ -319,21 +318,12 @@ def _pull_command(args: argparse.Namespace) -> int:
         view.close()
         return EXIT_OK
 
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency, but not on every OS
-        uvloop = None
-
     async def run() -> int:
         from .api import Puller, PullOptions
 
         options = PullOptions(platform=platform, all_platforms=args.all_platforms,
                               concurrency=args.concurrency, include_foreign=args.include_foreign,
                               segments=args.segments, segment_min=args.segment_min << 20)
-        task = asyncio.current_task()
-        loop = asyncio.get_running_loop()
-        assert task is not None
-        loop.add_signal_handler(signal.SIGTERM, task.cancel)
         try:
             async with Puller(store=args.store, options=options, client_options=client_options,
                               on_event=view.event if view.listens else None,
@@ -343,8 +333,6 @@ def _pull_command(args: argparse.Namespace) -> int:
         except PullerError as exc:  # the store itself could not be opened
             view.fatal(str(exc))
             return EXIT_FAILED
-        finally:
-            loop.remove_signal_handler(signal.SIGTERM)
         failed = False
         for ref, r in zip(refs, results, strict=True):
             if isinstance(r, PullerError):
@@ -355,11 +343,11 @@ def _pull_command(args: argparse.Namespace) -> int:
         view.close()
         return EXIT_FAILED if failed else EXIT_OK
 
+    from .loop import run as run_loop
+
     try:
-        if uvloop is not None:
-            return uvloop.run(run())
-        return asyncio.run(run())
-    except (KeyboardInterrupt, asyncio.CancelledError):
+        return int(run_loop(run))
+    except KeyboardInterrupt:
         view.close()
         print("puller: interrupted; partial downloads are kept and resume on the next pull",
               file=sys.stderr)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 from typing import Any, Callable
 
@@ -178,79 +177,15 @@ def _human(n: int) -> str:
 
 
 def _run(coro_fn: Callable[[], Any], out: _Out) -> int:
-    """Run the command's coroutine in a fresh event loop (uvloop where installed).
-
-    SIGINT and SIGTERM cancel the command's task: its cleanups run (upload threads are
-    told to stop and waited for, connections closed), every task it started finishes,
-    the loop is shut down, and the command ends with "interrupted" and exit 130. The
-    signal handler never raises into the code it interrupts, so a signal that arrives
-    while the loop starts, cleans up or shuts down only makes the exit 130; a second
-    signal while the cleanups run changes nothing, a third ends the process at once.
-    """
-    import asyncio
-    import threading
+    """The command's coroutine run as :func:`puller.loop.run` runs it; a signal ends it
+    with "interrupted" and exit 130."""
+    from .loop import run
 
     try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        uvloop = None
-
-    loop = uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
-    task = loop.create_task(coro_fn())
-    signals = 0
-
-    def cancel() -> None:  # in the loop
-        if not task.done() and not task.cancelling():
-            task.cancel()
-
-    def on_signal(signum: int, frame: Any) -> None:  # in the main thread, between bytecodes
-        nonlocal signals
-        signals += 1
-        if signals >= 3:
-            os.write(2, b"puller: interrupted\n")
-            os._exit(EXIT_INTERRUPTED)
-        try:
-            loop.call_soon_threadsafe(cancel)
-        except RuntimeError:  # the loop is closed already
-            pass
-
-    previous: dict[int, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, on_signal)
-    result: int | None = None
-    try:
-        try:
-            result = loop.run_until_complete(task)
-        except asyncio.CancelledError:
-            pass
-        finally:
-            _close_loop(loop)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    if signals or result is None:
+        return int(run(coro_fn))
+    except KeyboardInterrupt:
         out.error("interrupted")
         return EXIT_INTERRUPTED
-    return result
-
-
-def _close_loop(loop: Any) -> None:
-    """What ``asyncio.run`` does at the end: cancel what is left and wait for it, close
-    async generators, stop the default executor's threads (while the loop still runs, so
-    they can report back), then close the loop."""
-    import asyncio
-
-    try:
-        left = asyncio.all_tasks(loop)
-        for t in left:
-            t.cancel()
-        if left:
-            loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
-        loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.run_until_complete(loop.shutdown_default_executor())
-    finally:
-        loop.close()
 
 
 def _client_options(args: argparse.Namespace) -> Any:
