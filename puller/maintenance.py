@@ -68,6 +68,7 @@ __all__ = ["FsckReport", "GcReport", "Problem", "Partial", "fsck", "gc", "add_pa
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 _READ_CHUNK = 1 << 20
+_REFUSE = "not collecting garbage (run `puller fsck`)"  # how gc declines
 _MAX_DEPTH = 8  # nested indexes followed at most this deep
 _DEFAULT_WAIT = 60.0
 
@@ -477,8 +478,7 @@ def _repair(s: ContentStore, report: FsckReport, broken: list[object]) -> None:
 # -- gc ------------------------------------------------------------------------------------
 
 
-def _reachable(s: ContentStore, entries: list[Descriptor],
-               warnings: list[str]) -> set[Digest]:
+def _reachable(s: ContentStore, entries: list[Descriptor]) -> set[Digest]:
     keep: set[Digest] = set()
     todo: list[tuple[Digest, str | None, int]] = [(d.digest, d.media_type, 0)
                                                    for d in entries]
@@ -494,8 +494,8 @@ def _reachable(s: ContentStore, entries: list[Descriptor],
         except PullerError as exc:
             # What it names can't be known: collecting now could take an image's layers
             # (in an air-gapped store, maybe their only copy) because one blob went bad.
-            raise StoreError(f"manifest {d} is in use but can't be read ({exc}); not "
-                             "collecting garbage (run `puller fsck`)") from None
+            raise StoreError(f"manifest {d} is in use but can't be read ({exc}); "
+                             f"{_REFUSE}") from None
         if isinstance(parsed, ImageIndex):
             for child in parsed.manifests:
                 todo.append((child.digest, child.media_type, depth + 1))
@@ -523,16 +523,15 @@ def gc(store: str | os.PathLike[str] | ContentStore, *, dry_run: bool = False,
 
 def _gc(s: ContentStore, *, dry_run: bool) -> GcReport:
     report = GcReport(store=str(s.root), dry_run=dry_run)
-    refuse = "not collecting garbage (run `puller fsck`)"
     index = s.root / "index.json"
     try:
         entries = s.read_index_raw()
     except StoreError as exc:
-        raise StoreError(f"{exc}; {refuse}") from exc
+        raise StoreError(f"{exc}; {_REFUSE}") from exc
     if entries is None:
         if _has_blobs_dir(s):
             raise StoreError(f"{index} is missing, so nothing says which blobs are in use; "
-                             f"{refuse}")
+                             f"{_REFUSE}")
         entries = []
     valid, invalid = _parse_index(entries)
     if invalid:
@@ -540,8 +539,8 @@ def _gc(s: ContentStore, *, dry_run: bool) -> GcReport:
         name = entry_ref_name(entry)
         more = f" (and {len(invalid) - 1} more)" if len(invalid) > 1 else ""
         raise StoreError(f"{index}: entry manifests[{i}]{f' ({name})' if name else ''} "
-                         f"is not valid{more}: {why}; {refuse}")
-    keep = _reachable(s, [desc for _, desc, _ in valid], report.warnings)
+                         f"is not valid{more}: {why}; {_REFUSE}")
+    keep = _reachable(s, [desc for _, desc, _ in valid])
 
     blobs_dir = s.root / "blobs"
     _check_real_dir(blobs_dir)

@@ -563,7 +563,10 @@ async def run_mirror(client: Any, transfer: Any, sources: list[MirrorSource],
             return []
         # A name in the tag list that isn't a tag would put '?', '#' or '/' into URLs
         # and name some other manifest: never copied; a failure when the filters want it.
-        bad = [t for t in tags if not is_tag(t)]
+        good: list[str] = []
+        bad: list[str] = []
+        for t in tags:
+            (good if is_tag(t) else bad).append(t)
         if bad:
             repo = s.ref.replace(tag=None, digest=None)
             for t in filter_tags(bad, replace(s.tags, keep=None)):
@@ -571,9 +574,8 @@ async def run_mirror(client: Any, transfer: Any, sources: list[MirrorSource],
                 j.status = "failed"
                 j.error = f"the tag list of {repo} names {t[:80]!r}, which is not a valid tag"
                 failed_listing.append(j)
-            tags = [t for t in tags if is_tag(t)]
         out = []
-        for t in filter_tags(tags, s.tags):
+        for t in filter_tags(good, s.tags):
             ref = s.ref.replace(tag=t, digest=None)
             out.append(Job(ref, dest(ref, s), s.platforms))
         return out

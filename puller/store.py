@@ -745,16 +745,7 @@ class ContentStore:
     def set_ref(self, ref_name: str, descriptor: dict[str, Any]) -> None:
         """Point ``ref_name`` (a normalised reference) at ``descriptor``, replacing any
         earlier entry with that name."""
-        entry = dict(descriptor)
-        given = entry.get("annotations")
-        annotations = dict(given) if isinstance(given, dict) else {}
-        annotations[mediatypes.ANNOTATION_REF_NAME] = ref_name
-        entry["annotations"] = annotations
-
-        def change(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            return [e for e in entries if entry_ref_name(e) != ref_name] + [entry]
-
-        self.update_index(change)
+        self.update_index(lambda entries: _named(entries, ref_name, descriptor))
 
     def copy_ref(self, source: str, target: str, *, wait: float = 60.0) -> bool:
         """Name ``target`` what ``source`` names (``puller tag``); False when the store has
@@ -776,9 +767,8 @@ class ContentStore:
                 if entry is None:
                     return entries
                 found = True
-                named = {k: v for k, v in entry.items() if k != "annotations"}
-                named["annotations"] = {mediatypes.ANNOTATION_REF_NAME: target}
-                return [e for e in entries if entry_ref_name(e) != target] + [named]
+                return _named(entries, target,
+                              {k: v for k, v in entry.items() if k != "annotations"})
 
             if self.lookup(source) is not None:  # no index.json write for nothing
                 self.update_index(change)
@@ -792,6 +782,18 @@ class ContentStore:
             if entry_ref_name(e) == ref_name:
                 return e
         return None
+
+
+def _named(entries: list[dict[str, Any]], ref_name: str,
+           descriptor: dict[str, Any]) -> list[dict[str, Any]]:
+    """``entries`` with ``ref_name`` naming ``descriptor`` (its other annotations kept)
+    instead of whatever it named before."""
+    entry = dict(descriptor)
+    given = entry.get("annotations")
+    annotations = dict(given) if isinstance(given, dict) else {}
+    annotations[mediatypes.ANNOTATION_REF_NAME] = ref_name
+    entry["annotations"] = annotations
+    return [e for e in entries if entry_ref_name(e) != ref_name] + [entry]
 
 
 class _IndexChange:
