@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import aiohttp.abc
+import yarl
 
 from .errors import PullerError, TransportError
-from .transport import Transport, _certificate_error
+from .transport import Transport, _certificate_error, env_proxy
 
 if TYPE_CHECKING:  # pragma: no cover
     from .client import ClientOptions
@@ -69,7 +70,10 @@ class AiohttpTransport(Transport):
             read_bufsize=o.read_buffer,
             headers={"User-Agent": o.user_agent},
             raise_for_status=False,
-            trust_env=True,
+            # Proxies are chosen per request (transport.env_proxy: docker's rules, which
+            # never send this machine's registries through one); nothing else is taken
+            # from the environment (no .netrc: registry logins come from docker's config).
+            trust_env=False,
         )
 
     async def close(self) -> None:
@@ -80,9 +84,17 @@ class AiohttpTransport(Transport):
     async def request(self, method: str, url: str, *, headers: dict[str, str],
                       ssl_context: ssl.SSLContext | None, data: Any = None) -> Any:
         assert self._session is not None, "transport used before open()"
+        proxy = env_proxy(url)
+        proxy_auth = None
+        if proxy is not None:
+            url_ = yarl.URL(proxy)
+            if url_.user is not None:
+                proxy_auth = aiohttp.BasicAuth(url_.user, url_.password or "")
+                proxy = str(url_.with_user(None))
         return await self._session.request(
             method, url, headers=headers, data=data, allow_redirects=False,
-            ssl=ssl_context if ssl_context is not None else False)
+            ssl=ssl_context if ssl_context is not None else False,
+            proxy=proxy, proxy_auth=proxy_auth)
 
     def classify(self, exc: BaseException, host: str, what: str) -> PullerError:
         if isinstance(exc, aiohttp.ClientConnectorCertificateError):
@@ -93,6 +105,12 @@ class AiohttpTransport(Transport):
                                  f"{getattr(exc, 'strerror', None) or type(exc).__name__}")
             err.retryable = False
             return err
+        if isinstance(exc, aiohttp.ClientHttpProxyError):
+            return TransportError(f"the proxy answered HTTP {exc.status} "
+                                  f"{exc.message or ''}".rstrip() + f" for {host} while {what}")
+        if isinstance(exc, aiohttp.ClientProxyConnectionError):
+            return TransportError(f"cannot connect to the proxy for {host} while {what}: "
+                                  f"{exc.os_error.strerror or exc.os_error}")
         if isinstance(exc, aiohttp.ClientConnectorError):
             return TransportError(f"cannot connect to {host} while {what}: "
                                   f"{exc.os_error.strerror or exc.os_error}")
@@ -109,5 +127,7 @@ class AiohttpTransport(Transport):
         return super().classify(exc, host, what)
 
     def tls_mismatch(self, exc: BaseException) -> bool:
+        # (A proxy that won't tunnel to the registry's port counts too: docker falls back
+        # to plain HTTP for an insecure registry whatever stopped HTTPS.)
         return isinstance(exc, (aiohttp.ClientSSLError, aiohttp.ClientOSError,
-                                aiohttp.ServerDisconnectedError))
+                                aiohttp.ServerDisconnectedError, aiohttp.ClientHttpProxyError))

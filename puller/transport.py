@@ -36,10 +36,10 @@ from .errors import PullerError, RegistryError, TransportError
 _T = TypeVar("_T")
 
 __all__ = ["Transport", "ThreadedTransport", "ConnectionPool", "describe_network_error",
-           "proxy_configured"]
+           "proxy_configured", "env_proxy", "ProxyError"]
 
-_PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY",
-               "ALL_PROXY")
+# The variables docker's Go client reads (ALL_PROXY is curl's; Go ignores it, and so do we).
+_PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")
 
 
 def redirect_target(base: str, location: str) -> str | None:
@@ -64,6 +64,77 @@ def unusable_redirect(host: str, location: str, what: str) -> PullerError:
 def proxy_configured() -> bool:
     """A proxy is set in the environment: only the aiohttp transport honours one."""
     return any(os.environ.get(v) for v in _PROXY_VARS)
+
+
+def _first_set(*names: str) -> tuple[str, str]:
+    """The first of ``names`` set to something in the environment (Go's order: the
+    upper-case name first), and its value; ``("", "")`` if none is."""
+    for name in names:
+        value = os.environ.get(name, "").strip()
+        if value:
+            return name, value
+    return "", ""
+
+
+def _in_no_proxy_network(host: str, proxies: dict[str, str]) -> bool:
+    """``NO_PROXY`` entries may be networks (``10.0.0.0/8``), as Go allows; the
+    standard library only matches names and single addresses."""
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    for entry in proxies.get("no", "").split(","):
+        if "/" in entry:
+            try:
+                if address in ipaddress.ip_network(entry.strip(), strict=False):
+                    return True
+            except ValueError:
+                continue
+    return False
+
+
+class ProxyError(TransportError):
+    """A proxy variable in the environment can't be used."""
+
+    retryable = False
+
+
+def env_proxy(url: str) -> str | None:
+    """The proxy a request to ``url`` goes through, chosen from the environment the way
+    docker's Go client chooses it: ``HTTPS_PROXY`` for https URLs, ``HTTP_PROXY`` for
+    http ones (the lower-case names first), none for a host ``NO_PROXY`` names, and never
+    one for this machine (localhost, 127.0.0.0/8, ::1). A value without a scheme means
+    ``http://``. Raises :class:`ProxyError`, naming the variable, for a value that is
+    not an ``http://HOST[:PORT]`` URL."""
+    from urllib.request import proxy_bypass_environment
+
+    from .tls import is_loopback_host
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if not host or is_loopback_host(host) or parts.scheme not in ("http", "https"):
+        return None
+    name, value = _first_set(f"{parts.scheme.upper()}_PROXY", f"{parts.scheme}_proxy")
+    if not value:
+        return None
+    no_proxy = {"no": _first_set("NO_PROXY", "no_proxy")[1]}
+    netloc = parts.netloc.rpartition("@")[2]
+    if proxy_bypass_environment(netloc, no_proxy) or _in_no_proxy_network(host, no_proxy):
+        return None
+    proxy = value if "://" in value else f"http://{value}"
+    try:
+        p = urlsplit(proxy)
+        p.port  # noqa: B018  (raises ValueError for a port that is not a number)
+    except ValueError:
+        p = None
+    if p is None or not p.hostname:
+        raise ProxyError(f"{name}={value!r} is not a proxy URL (want http://HOST:PORT)")
+    if p.scheme != "http":
+        raise ProxyError(f"{name}={value!r}: only http:// proxies are supported, "
+                         f"not {p.scheme}://")
+    return proxy
 
 
 class Transport:

@@ -135,3 +135,70 @@ async def test_a_content_length_that_is_not_a_count_of_bytes_fails_at_once(lengt
     err = describe_network_error(info.value, "registry.test", "fetching blob x")
     assert str(err) == (f"registry.test sent an invalid Content-Length ({length.decode()!r}) "
                         "while fetching blob x")
+
+
+# -- which requests go through a proxy (docker's rules) -----------------------------------
+
+_PROXY_ENV = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy",
+              "REQUEST_METHOD")
+
+
+@pytest.fixture
+def proxy_env(monkeypatch):
+    for name in _PROXY_ENV:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_the_proxy_is_chosen_by_scheme_and_never_for_this_machine(proxy_env) -> None:
+    from puller.transport import env_proxy
+
+    proxy_env.setenv("HTTPS_PROXY", "proxy.corp:3128")  # no scheme: http://, as Go reads it
+    proxy_env.setenv("http_proxy", "http://u:p@proxy.corp:8080")
+    assert env_proxy("https://registry-1.docker.io/v2/") == "http://proxy.corp:3128"
+    assert env_proxy("http://mirror.corp/v2/") == "http://u:p@proxy.corp:8080"
+    for local in ("http://127.0.0.1:5000/v2/", "https://127.9.9.9/v2/", "http://localhost:5000/v2/",
+                  "https://[::1]:5000/v2/", "http://LOCALHOST/v2/"):
+        assert env_proxy(local) is None, local
+    proxy_env.delenv("HTTPS_PROXY")
+    assert env_proxy("https://registry-1.docker.io/v2/") is None  # no HTTPS proxy set
+
+
+def test_no_proxy_names_hosts_domains_ports_and_networks(proxy_env) -> None:
+    from puller.transport import env_proxy
+
+    proxy_env.setenv("HTTPS_PROXY", "http://proxy.corp:3128")
+    proxy_env.setenv("NO_PROXY", ".internal, reg.example:5000, 10.0.0.0/8, fd00::/8")
+    assert env_proxy("https://a.b.internal/v2/") is None
+    assert env_proxy("https://reg.example:5000/v2/") is None
+    assert env_proxy("https://reg.example:6000/v2/") == "http://proxy.corp:3128"
+    assert env_proxy("https://10.20.30.40:443/v2/") is None
+    assert env_proxy("https://11.0.0.1/v2/") == "http://proxy.corp:3128"
+    assert env_proxy("https://[fd00::5]/v2/") is None
+    proxy_env.setenv("NO_PROXY", "*")
+    assert env_proxy("https://anything.example/v2/") is None
+
+
+def test_upper_case_names_come_first_as_in_go(proxy_env) -> None:
+    from puller.transport import env_proxy
+
+    proxy_env.setenv("HTTPS_PROXY", "http://upper:1")
+    proxy_env.setenv("https_proxy", "http://lower:2")
+    assert env_proxy("https://r.example/") == "http://upper:1"
+    proxy_env.setenv("HTTPS_PROXY", "")
+    assert env_proxy("https://r.example/") == "http://lower:2"
+
+
+@pytest.mark.parametrize("value, message", [
+    ("socks5://h:1080", "HTTPS_PROXY='socks5://h:1080': only http:// proxies are supported"),
+    ("http://h:port", "HTTPS_PROXY='http://h:port' is not a proxy URL"),
+    ("http://:3128", "HTTPS_PROXY='http://:3128' is not a proxy URL"),
+])
+def test_an_unusable_proxy_is_an_error_naming_the_variable(proxy_env, value, message) -> None:
+    from puller.transport import ProxyError, env_proxy
+
+    proxy_env.setenv("HTTPS_PROXY", value)
+    with pytest.raises(ProxyError) as info:
+        env_proxy("https://r.example/v2/")
+    assert str(info.value).startswith(message)
+    assert not info.value.retryable

@@ -4,7 +4,9 @@ entirely through the http.client transport."""
 
 from __future__ import annotations
 
+
 import signal
+import socket
 import subprocess
 import time
 
@@ -216,28 +218,66 @@ async def test_target_token_refused_mid_run_is_renewed(registry, token_registry,
 def test_command_line_behind_an_http_proxy(registry, registry_factory, unique_repo,
                                            store_dir):
     """With HTTP_PROXY set the command line goes through the proxy (aiohttp, the only
-    transport that honours one) for every request, pull and copy alike, and the bytes
-    arrive intact."""
+    transport that honours one) for every request to a registry that is not on this
+    machine, pull and copy alike, and the bytes arrive intact. (The registries here are
+    on loopback, which is never proxied, so they go by names only the proxy knows, as
+    insecure registries: HTTPS is tried through the proxy first.)"""
     from tests.support.forwardproxy import ForwardProxy
 
     img = build_image(seed=630, layer_sizes=[2_600_000, 4_000])
     push(registry.url, unique_repo, "p", img)
     other = registry_factory()
-    src, dst = f"{registry.host}/{unique_repo}:p", f"{other.host}/proxied/copy:p"
-    with ForwardProxy() as fp:
-        env = {"HTTP_PROXY": fp.url, "http_proxy": fp.url}
+    src_host = f"src.proxied.test:{registry.host.rsplit(':', 1)[1]}"
+    dst_host = f"dst.proxied.test:{other.host.rsplit(':', 1)[1]}"
+    src, dst = f"{src_host}/{unique_repo}:p", f"{dst_host}/proxied/copy:p"
+    with ForwardProxy({"src.proxied.test": "127.0.0.1", "dst.proxied.test": "127.0.0.1"}) as fp:
+        env = {"HTTP_PROXY": fp.url, "https_proxy": fp.url,
+               "PULLER_INSECURE_REGISTRIES": f"{src_host},{dst_host}"}
         r = run("copy", "--chunk-size", "1048576", src, dst, env=env)
         assert r.returncode == 0, r.stderr
         p = run("pull", "-q", "--store", str(store_dir), src, env=env)
         assert p.returncode == 0, p.stderr
         seen = fp.requests
-    assert skopeo_raw(dst) == img.manifest
+    assert skopeo_raw(f"{other.host}/proxied/copy:p") == img.manifest
     for d, data in img.blobs().items():
         assert (store_dir / "blobs" / "sha256" / d.split(":")[1]).read_bytes() == data
     # Every blob went through the proxy: GETs at the source (copy and pull), uploads at
     # the target.
     for d in [img.config_digest, *img.layer_digests]:
         assert sum(1 for m, h, path in seen
-                   if m == "GET" and h == registry.host and path.endswith(d)) == 2
-    assert any(m == "PATCH" and h == other.host for m, h, _ in seen)
-    assert any(m == "PUT" and h == other.host and "/manifests/" in path for m, h, path in seen)
+                   if m == "GET" and h == src_host and path.endswith(d)) == 2
+    assert any(m == "PATCH" and h == dst_host for m, h, _ in seen)
+    assert any(m == "PUT" and h == dst_host and "/manifests/" in path for m, h, path in seen)
+    assert any(m == "CONNECT" for m, _, _ in seen)  # HTTPS was tried first
+
+
+def test_loopback_registries_never_go_through_the_proxy(registry, unique_repo, store_dir):
+    """docker's rule: requests for this machine's own registries (127.0.0.0/8, ::1,
+    localhost) never go through HTTP(S)_PROXY, even one that is down, and NO_PROXY
+    isn't needed for them."""
+    img = build_image(seed=631, layer_sizes=[300_000])
+    push(registry.url, unique_repo, "p", img)
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # a port nobody listens on
+    proxy = f"http://127.0.0.1:{dead.getsockname()[1]}"
+    try:
+        env = {"HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "http_proxy": proxy,
+               "https_proxy": proxy}
+        for ref in (f"{registry.host}/{unique_repo}:p",
+                    f"localhost:{registry.host.rsplit(':', 1)[1]}/{unique_repo}:p"):
+            r = run("pull", "-q", "--store", str(store_dir), ref, env=env)
+            assert r.returncode == 0, r.stderr
+    finally:
+        dead.close()
+    assert (store_dir / "blobs" / "sha256" / img.layer_digests[0].split(":")[1]).is_file()
+
+
+def test_an_unusable_proxy_setting_is_named(registry, unique_repo, store_dir):
+    """A proxy variable that can't be used is one line naming it, not an error about the
+    registry, and the pull fails at once (no retries)."""
+    env = {"HTTPS_PROXY": "socks5://proxy.corp:1080"}
+    r = run("pull", "-q", "--store", str(store_dir), "registry.invalid/a/b:1", env=env)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        "puller: registry.invalid/a/b:1: HTTPS_PROXY='socks5://proxy.corp:1080': only "
+        "http:// proxies are supported, not socks5://"], r.stderr

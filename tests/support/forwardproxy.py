@@ -2,10 +2,18 @@
 a corporate proxy. Requests arrive in absolute form (``GET http://host:port/path``) and
 are forwarded as they are; each one is logged as ``(method, host, path)``. Loopback only.
 
-    with ForwardProxy() as fp:
+puller, like docker, never sends requests for this machine's own addresses through a
+proxy, so tests name registries with made-up names that only the proxy knows
+(``names``: name -> the loopback address it dials, the request's Host kept as sent):
+
+    with ForwardProxy({"reg.proxied.test": "127.0.0.1"}) as fp:
         env["HTTP_PROXY"] = fp.url
         ...
-        fp.requests  # [("GET", "127.0.0.1:5000", "/v2/"), ...]
+        fp.requests  # [("GET", "reg.proxied.test:5000", "/v2/"), ...]
+
+A ``CONNECT`` (an HTTPS request through the proxy) is answered by hanging up, as a TLS
+handshake with a plain-HTTP registry would end: a client that tries HTTPS first for an
+insecure registry then falls back to HTTP.
 """
 
 from __future__ import annotations
@@ -19,7 +27,8 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
 
 
 class ForwardProxy:
-    def __init__(self) -> None:
+    def __init__(self, names: dict[str, str] | None = None) -> None:
+        self._names = dict(names or {})
         self._lock = threading.Lock()
         self._log: list[tuple[str, str, str]] = []
         self._session = None
@@ -51,13 +60,26 @@ class ForwardProxy:
         async def on_cleanup(app):
             await self._session.close()
 
+        @web.middleware
+        async def no_tunnels(request, handler):  # before routing: a CONNECT has no path
+            if request.method == "CONNECT":
+                with self._lock:
+                    self._log.append(("CONNECT", request.raw_path, ""))
+                request.transport.close()
+                return web.Response(status=502)
+            return await handler(request)
+
         async def handle(request):
             url = request.url
+            sent_host = request.headers.get("Host", f"{url.host}:{url.port}")
+            if url.host in self._names:
+                url = url.with_host(self._names[url.host])
             if url.host not in ("127.0.0.1", "localhost", "::1"):
                 return web.Response(status=403, text="ForwardProxy: loopback only")
             with self._lock:
-                self._log.append((request.method, f"{url.host}:{url.port}", url.path))
+                self._log.append((request.method, sent_host, request.url.path))
             headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+            headers["Host"] = sent_host
             data = request.content if request.body_exists else None
             async with self._session.request(request.method, str(url), headers=headers,
                                              data=data, allow_redirects=False) as up:
@@ -74,7 +96,7 @@ class ForwardProxy:
                 await resp.write_eof()
                 return resp
 
-        app = web.Application()
+        app = web.Application(middlewares=[no_tunnels])
         app.on_startup.append(on_startup)
         app.on_cleanup.append(on_cleanup)
         app.router.add_route("*", "/{tail:.*}", handle)
