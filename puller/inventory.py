@@ -384,11 +384,19 @@ def _images_command(args: argparse.Namespace) -> int:
     table = [["REFERENCE", "DIGEST", "PLATFORM", "SIZE", "PULLED"]]
     for r in rows:
         digest = r["digest"] if args.no_trunc else r["digest"][:19]
-        plats = ",".join(p or "-" for p in r["platforms"]) or "-"
+        names = [p or "-" for p in r["platforms"]]
+        if len(names) > _PLATFORMS_SHOWN and not args.no_trunc:  # --json/--no-trunc: all
+            names = names[:_PLATFORMS_SHOWN - 1] + [f"+{len(names) - _PLATFORMS_SHOWN + 1}"]
+        plats = ",".join(names) or "-"
         size = human_size(r["size"]) + ("" if r["complete"] else " (incomplete)")
         table.append([r["reference"], digest, plats, size, _ago(r["_t"], now)])
     _print(_table(table))
     return EXIT_OK
+
+
+#: An entry holding more platforms than this shows the first few and "+N" (a pull
+#: with --all-platforms of a big index would otherwise make one very wide cell).
+_PLATFORMS_SHOWN = 3
 
 
 # -- inspect -------------------------------------------------------------------------------

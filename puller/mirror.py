@@ -398,16 +398,16 @@ def load_config(text: str, name: str = "mirror config") -> MirrorConfig:
 def parse_shard(text: str | None, shards: int | None, env: dict[str, str]) -> tuple[int, int]:
     """``--shard K/N`` (K from 0), or ``--shards N`` with K from ``$JOB_COMPLETION_INDEX``
     (Kubernetes Indexed Jobs). Default 0/1: everything."""
-    if text and shards is not None:
+    if text is not None and shards is not None:
         raise ConfigError("give --shard K/N or --shards N, not both")
-    if text:
-        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if text is not None:  # an empty --shard= (a CI variable left unset) is an error too
+        m = re.fullmatch(r"\s*([0-9]+)\s*/\s*([0-9]+)\s*", text)
         if not m:
             raise ConfigError(f"--shard wants K/N (e.g. 0/4), not {text!r}")
         k, n = int(m.group(1)), int(m.group(2))
     elif shards is not None:
         index = env.get("JOB_COMPLETION_INDEX")
-        if index is None or not index.strip().isdigit():
+        if index is None or not re.fullmatch(r"\s*[0-9]+\s*", index):
             raise ConfigError("--shards N takes this worker's number from "
                               "$JOB_COMPLETION_INDEX, which is not set to a number")
         k, n = int(index), shards

@@ -70,7 +70,7 @@ def add_parsers(sub: Any) -> None:
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="one JSON object per image")
     out.add_argument("-q", "--quiet", action="store_true", help="only the references")
-    p.add_argument("--no-trunc", action="store_true", help="show full digests")
+    p.add_argument("--no-trunc", action="store_true", help="show full digests and every platform")
     p.set_defaults(handler=_run("inventory", "_images_command"))
 
     p = sub.add_parser("inspect", help="show an image's manifest, config and layers",

@@ -61,6 +61,21 @@ def test_images_table_and_json(store):
     assert len(r.stdout.decode().split()) == 3
 
 
+def test_an_entry_of_many_platforms_shows_a_few_and_a_count(registry, unique_repo, tmp_path):
+    plats = [("linux", "amd64", None), ("linux", "arm64", "v8"), ("linux", "arm", "v7"),
+             ("linux", "ppc64le", None), ("linux", "s390x", None)]
+    imgs = [build_image(seed=70 + i, layer_sizes=[1_000], platform=p) for i, p in enumerate(plats)]
+    push(registry.url, unique_repo, "wide", build_index(imgs))
+    s, ref = tmp_path / "store", f"{registry.host}/{unique_repo}:wide"
+    assert puller("pull", "-q", "--all-platforms", "--store", str(s), ref).returncode == 0
+    row = puller("images", "--store", str(s)).stdout.decode().splitlines()[1].split()
+    assert row[2] == "linux/amd64,linux/arm64/v8,+3"  # 3 more
+    row = puller("images", "--no-trunc", "--store", str(s)).stdout.decode().splitlines()[1]
+    assert "linux/amd64,linux/arm64/v8,linux/arm/v7,linux/ppc64le,linux/s390x" in row
+    doc = json.loads(puller("images", "--json", "--store", str(s)).stdout)
+    assert len(doc["platforms"]) == 5
+
+
 def test_pulled_at_annotation_is_used_when_present(store):
     s, name, a, *_ = store
     entry = ContentStore(s).lookup(f"{name}:a")

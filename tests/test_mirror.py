@@ -358,7 +358,9 @@ def test_shards():
     assert parse_shard("2/4", None, {}) == (2, 4)
     assert parse_shard(None, 5, {"JOB_COMPLETION_INDEX": "3"}) == (3, 5)
     for text, shards, env in (("4/4", None, {}), ("x", None, {}), (None, 3, {}),
-                              ("0/2", 2, {}), (None, 0, {"JOB_COMPLETION_INDEX": "0"})):
+                              ("0/2", 2, {}), (None, 0, {"JOB_COMPLETION_INDEX": "0"}),
+                              ("", None, {}), ("", 2, {"JOB_COMPLETION_INDEX": "0"}),
+                              (None, 3, {"JOB_COMPLETION_INDEX": "\u00b2"})):
         with pytest.raises(ConfigError):
             parse_shard(text, shards, env)
     repos = [f"r.io/team/app{i}" for i in range(10)]
