@@ -102,6 +102,17 @@ class BlobSource(Protocol):
         """Earn fresh credentials after the source refused the ones a thread sent."""
 
 
+def _close_opened(opening: asyncio.Future[int]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        os.close(opening.result())
+
+
+def _close_after(read: asyncio.Future[bytes], fd: int) -> None:
+    if not read.cancelled():
+        read.exception()  # retrieved: nobody waits for this read any more
+    os.close(fd)
+
+
 class _StoreBlob:
     def __init__(self, store: ContentStore, desc: Descriptor) -> None:
         self.store = store
@@ -115,17 +126,27 @@ class _StoreBlob:
     async def open(self, offset: int) -> AsyncIterator[AsyncIterator[bytes]]:
         path = self.store.blob_path(self.desc.digest)
         loop = asyncio.get_running_loop()
+        # A cancelled await leaves its thread running: the file is closed only once no
+        # thread can still be using it (a descriptor closed under a pread could be
+        # reused by another open meanwhile), and one opened after a cancel is closed.
+        opening = loop.run_in_executor(None, lambda: os.open(path, os.O_RDONLY
+                                                             | os.O_NOFOLLOW))
         try:
-            fd = await loop.run_in_executor(None, lambda: os.open(path, os.O_RDONLY
-                                                                  | os.O_NOFOLLOW))
+            fd = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            opening.add_done_callback(_close_opened)
+            raise
         except OSError as exc:
             raise StoreError(f"cannot read blob {self.desc.digest} from the store: "
                              f"{exc.strerror}") from exc
+        reading: asyncio.Future[bytes] | None = None
 
         async def chunks() -> AsyncIterator[bytes]:
+            nonlocal reading
             pos = offset
             while True:
-                data = await loop.run_in_executor(None, os.pread, fd, _READ, pos)
+                reading = loop.run_in_executor(None, os.pread, fd, _READ, pos)
+                data = await asyncio.shield(reading)
                 if not data:
                     return
                 pos += len(data)
@@ -134,7 +155,10 @@ class _StoreBlob:
         try:
             yield chunks()
         finally:
-            os.close(fd)
+            if reading is not None and not reading.done():
+                reading.add_done_callback(lambda f: _close_after(f, fd))
+            else:
+                os.close(fd)
 
     async def thread_reader(self, offset: int, handle: Any, pool: Any
                             ) -> Callable[[], Any] | None:

@@ -202,3 +202,64 @@ def test_push_and_tag_errors_are_one_line(registry, store_dir, tmp_path: Path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     r = run("tag", "--store", str(store_dir), f"{registry.host}/a:1", f"{registry.host}/b:1")
     assert r.returncode == 1 and "not in the store" in r.stderr
+
+
+def test_a_cancelled_store_read_closes_the_file_only_after_its_thread(tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    """Cancelling a push while a worker thread reads a blob from the store leaves that
+    thread running; the file must stay open until it is done (a descriptor closed under
+    a read may be reused by another open meanwhile), and then be closed."""
+    import asyncio
+    import threading
+
+    from puller import mediatypes, push as push_mod
+    from puller.digest import Digest
+    from puller.manifest import Descriptor
+    from puller.store import ContentStore
+
+    store = ContentStore(tmp_path / "store")
+    data = os.urandom(300_000)
+    digest = Digest.from_bytes(data)
+    store.put(digest, data)
+    desc = Descriptor(media_type=mediatypes.OCI_LAYER, digest=digest, size=len(data))
+    blob_path = os.path.realpath(store.blob_path(digest))
+
+    def open_on_blob() -> int:
+        n = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                n += os.readlink(f"/proc/self/fd/{fd}") == blob_path
+            except OSError:
+                pass
+        return n
+
+    entered, release = threading.Event(), threading.Event()
+    real_pread = os.pread
+
+    def slow_pread(fd: int, n: int, pos: int) -> bytes:
+        entered.set()
+        release.wait(30)
+        return real_pread(fd, n, pos)
+
+    async def main() -> tuple[int, int]:
+        async def consume() -> None:
+            async with push_mod._StoreBlob(store, desc).open(0) as chunks:
+                async for _ in chunks:
+                    pass
+
+        monkeypatch.setattr(os, "pread", slow_pread)
+        task = asyncio.create_task(consume())
+        await asyncio.to_thread(entered.wait, 30)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        during = open_on_blob()  # the thread is still in pread
+        release.set()
+        for _ in range(500):  # bounded: the thread finishes at once once released
+            if not open_on_blob():
+                break
+            await asyncio.sleep(0.01)
+        return during, open_on_blob()
+
+    during, after = asyncio.run(main())
+    assert (during, after) == (1, 0)
