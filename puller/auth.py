@@ -28,6 +28,10 @@ _SCHEME = re.compile(r"\s*([A-Za-z][A-Za-z0-9_\-]*)(?:\s+|$)")
 # little early so a token never expires between check and use.
 _DEFAULT_EXPIRY = 60.0
 _EARLY = 10.0
+# Longer lifetimes are cut to this (a rejected token is replaced anyway).
+_MAX_EXPIRY = 86400.0
+# Visible ASCII: what a token can be and still be sent in an Authorization header.
+_TOKEN_CHARS = re.compile(r"[!-~]+")
 
 
 class Challenge(Record):
@@ -79,18 +83,25 @@ class Token(Record, frozen=False):
 
 
 def parse_token_response(body: bytes) -> Token:
-    """Read a token endpoint's JSON answer (``token`` or ``access_token``)."""
+    """Read a token endpoint's JSON answer (``token`` or ``access_token``).
+
+    As in docker's client, ``access_token`` wins when both are given, and an
+    ``expires_in`` that is missing or unusable means the default lifetime."""
     try:
         doc: Any = json.loads(body)
-    except ValueError as exc:
-        raise ValueError("token endpoint did not return JSON") from exc
+    except (ValueError, RecursionError):  # (RecursionError: nested too deep to parse)
+        raise ValueError("token endpoint did not return JSON") from None
     if not isinstance(doc, dict):
         raise ValueError("token endpoint returned an unexpected JSON value")
-    value = doc.get("token") or doc.get("access_token")
+    value = doc.get("access_token") or doc.get("token")
     if not isinstance(value, str) or not value:
         raise ValueError("token endpoint returned no token")
+    if not _TOKEN_CHARS.fullmatch(value):  # it goes in a header: no spaces, controls
+        raise ValueError("token endpoint returned a token that is not a valid header value")
     expires_in = doc.get("expires_in")
-    if not isinstance(expires_in, (int, float)) or isinstance(expires_in, bool) or expires_in <= 0:
-        expires_in = _DEFAULT_EXPIRY
-    lifetime = max(float(expires_in) - _EARLY, float(expires_in) / 2)
+    seconds = _DEFAULT_EXPIRY
+    if isinstance(expires_in, (int, float)) and not isinstance(expires_in, bool) \
+            and expires_in > 0:  # (not NaN)
+        seconds = float(min(expires_in, _MAX_EXPIRY))  # (nor an int too big for a float)
+    lifetime = max(seconds - _EARLY, seconds / 2)
     return Token(value, time.monotonic() + lifetime)

@@ -169,6 +169,17 @@ def _permanent(err: PullerError) -> PullerError:
     return err
 
 
+def _challenges_of(headers: Any) -> list[Challenge]:
+    """Every challenge in a response's ``WWW-Authenticate`` headers (there may be several
+    headers, each with one challenge or more)."""
+    if headers is None:
+        return []
+    getall = getattr(headers, "getall", None) or getattr(headers, "get_all", None)
+    values = (getall("WWW-Authenticate", None) if getall is not None
+              else [headers.get("WWW-Authenticate")]) or []
+    return [c for value in values if value for c in parse_challenges(value)]
+
+
 def _same_origin(a: str, b: str) -> bool:
     if a == b:
         return True
@@ -291,6 +302,14 @@ class RegistryClient:
         kw: dict[str, Any] = {"status": status, "host": host, "code": code}
         if status == 401:
             login = "puller login" if host == _HUB_API else f"puller login {host}"
+            if host in self._sent_credentials and any(
+                    c.params.get("error") == "insufficient_scope"
+                    for c in _challenges_of(headers)):
+                # The token service took the login but granted less than asked: the
+                # login is fine, the repository is missing or not this user's.
+                return AccessDenied(f"access denied by {host} while {what}: the saved login "
+                                    "has no access to this repository (or it does not exist)",
+                                    **kw)
             if host in self._sent_credentials:
                 return AuthenticationRequired(
                     f"authentication failed for {host} while {what}: the saved credentials "
@@ -330,41 +349,67 @@ class RegistryClient:
 
     async def _fetch_token(self, ref: Reference, challenge: Challenge, scope: str) -> Token:
         """Ask the challenge's realm for a token: anonymously, with the saved user and
-        password (Basic, to the realm only), or by OAuth refresh with an identity token."""
+        password (Basic, to the realm only), or by OAuth refresh with an identity token.
+
+        Redirects are followed as docker's client follows them, the login going along
+        only while the origin stays the same. The request is retried here; a failure
+        that survives that is final (the request that wanted the token must not retry
+        it all again)."""
         host = ref.api_host
         self._check_realm(host, challenge)
         realm = challenge.realm
         assert realm is not None
-        parts = urlsplit(realm)
         service = challenge.params.get("service", "")
         creds = await self._creds(ref.registry)
-        realm_host = parts.netloc
+        realm_host = urlsplit(realm).netloc
         what = f"getting a token for {scope or 'login'}"
-        ssl_ctx = self._ssl_for(realm_host) if parts.scheme == "https" else None
 
         async def attempt() -> Token:
             assert self._transport is not None
             headers: dict[str, str] = {}
+            method, url, data = "GET", realm, None
+            if creds is not None and creds.identity_token:
+                form = {"grant_type": "refresh_token", "refresh_token": creds.identity_token,
+                        "client_id": "puller", "service": service, "scope": scope}
+                # (OAuth takes several scopes space-separated in one field.)
+                method, data = "POST", {k: v for k, v in form.items() if v}
+                self._sent_credentials.add(host)
+            else:
+                # Several scopes (push to one repository, mount from another) go as
+                # repeated scope parameters, as the token spec says.
+                params = [("service", service)] if service else []
+                params += [("scope", one) for one in scope.split(" ") if one]
+                url = f"{realm}{'&' if '?' in realm else '?'}{urlencode(params)}"
+                if creds is not None and creds.username:
+                    headers["Authorization"] = creds.basic()
+                    self._sent_credentials.add(host)
+            target, at = url, realm_host
             try:
-                if creds is not None and creds.identity_token:
-                    form = {"grant_type": "refresh_token", "refresh_token": creds.identity_token,
-                            "client_id": "puller", "service": service, "scope": scope}
-                    # (OAuth takes several scopes space-separated in one field.)
-                    req = self._transport.request(
-                        "POST", realm, headers=headers, ssl_context=ssl_ctx,
-                        data={k: v for k, v in form.items() if v})
+                for _ in range(_MAX_REDIRECTS + 1):
+                    parts = urlsplit(target)
+                    at = parts.netloc
+                    same = _same_origin(target, url)
+                    resp = await self._transport.request(
+                        method, target, headers=headers if same else {},
+                        ssl_context=self._ssl_for(at) if parts.scheme == "https" else None,
+                        data=data)
+                    location = resp.headers.get("Location")
+                    if resp.status in (301, 302, 303, 307, 308) and location:
+                        followed = redirect_target(target, location)
+                        resp.release()
+                        if followed is None:
+                            raise unusable_redirect(at, location, what)
+                        # A POST (an identity token in its body) only to the same origin.
+                        if method == "POST" and (resp.status not in (307, 308)
+                                                 or not _same_origin(followed, url)):
+                            raise RegistryError(f"{at} redirected the identity token "
+                                                f"exchange elsewhere while {what}; refusing",
+                                                host=at)
+                        target = followed
+                        continue
+                    break
                 else:
-                    # Several scopes (push to one repository, mount from another) go as
-                    # repeated scope parameters, as the token spec says.
-                    params = [("service", service)] if service else []
-                    params += [("scope", one) for one in scope.split(" ") if one]
-                    url = f"{realm}{'&' if '?' in realm else '?'}{urlencode(params)}"
-                    if creds is not None and creds.username:
-                        headers["Authorization"] = creds.basic()
-                        self._sent_credentials.add(host)
-                    req = self._transport.request("GET", url, headers=headers,
-                                                  ssl_context=ssl_ctx)
-                resp = await req
+                    raise TransportError(f"too many redirects from {realm_host} while {what}")
                 try:
                     if resp.status != 200:
                         if resp.status in (401, 403) and creds is not None:
@@ -375,20 +420,26 @@ class RegistryClient:
                                 f"authentication failed for {ref.registry}: the token service "
                                 f"{realm_host} refused the saved credentials (run `{login}`)",
                                 status=resp.status, host=host)
-                        raise await self._error_for(resp, realm_host, what)
+                        if resp.status == 401:  # the login that helps is the registry's
+                            raise self.status_error(401, resp.headers, host, what)
+                        raise await self._error_for(resp, at, what)
                     body = await _read_bounded(resp.content, _ERROR_BODY_LIMIT * 4)
                 finally:
                     resp.release()
             except PullerError:
                 raise
-            except self.transport_errors as exc:
-                raise self.map_transport(exc, realm_host, what) from exc
+            except (*self.transport_errors, ValueError) as exc:
+                raise self.map_transport(exc, at, what) from exc
             try:
                 return parse_token_response(body)
             except ValueError as exc:
-                raise AuthenticationRequired(f"{realm_host}: {exc}", host=host) from exc
+                raise AuthenticationRequired(f"{at}: {exc}", host=host) from exc
 
-        return await self._with_retries(what, attempt)
+        try:
+            return await self._with_retries(what, attempt)
+        except PullerError as exc:
+            exc.retryable = False
+            raise
 
     async def _auth_header(self, ref: Reference, scope: str) -> dict[str, str]:
         host = ref.api_host
@@ -446,7 +497,7 @@ class RegistryClient:
                                 sent: dict[str, str], scope: str) -> bool:
         """After a 401: learn what the registry wants. True when a retry can succeed."""
         host = ref.api_host
-        challenges = parse_challenges(resp.headers.get("WWW-Authenticate", ""))
+        challenges = _challenges_of(resp.headers)
         bearer = next((c for c in challenges if c.scheme == "bearer"), None)
         if bearer is not None:
             # Checked before it is kept: the challenge is remembered for the whole host,

@@ -102,8 +102,8 @@ class DockerConfig:
             return {}
         try:
             doc = json.loads(raw)
-        except ValueError as exc:
-            raise CredentialError(f"{self.path} is not valid JSON") from exc
+        except (ValueError, RecursionError):  # (not chained: json's error holds the file)
+            raise CredentialError(f"{self.path} is not valid JSON") from None
         if not isinstance(doc, dict):
             raise CredentialError(f"{self.path} is not a JSON object")
         return doc
@@ -257,9 +257,9 @@ def _helper_get(name: str, server: str) -> Credentials | None:
         raise
     try:
         doc = json.loads(out)
-    except ValueError as exc:
+    except (ValueError, RecursionError):  # (not chained: json's error holds the output)
         raise CredentialError(f"credential helper docker-credential-{name} returned "
-                              "something that is not JSON") from exc
+                              "something that is not JSON") from None
     if not isinstance(doc, dict):
         return None
     user, secret = doc.get("Username"), doc.get("Secret")
