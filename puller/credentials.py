@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -88,6 +89,7 @@ class DockerConfig:
     def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
         self.directory = Path(directory) if directory is not None else docker_config_dir()
         self.path = self.directory / "config.json"
+        self._warned = False
 
     # -- the file ------------------------------------------------------------------------
 
@@ -128,8 +130,19 @@ class DockerConfig:
     # -- lookups -------------------------------------------------------------------------
 
     def get(self, registry: str) -> Credentials | None:
-        """The credentials for ``registry`` (a host[:port] or ``docker.io``), if any."""
-        doc = self.load()
+        """The credentials for ``registry`` (a host[:port] or ``docker.io``), if any.
+
+        A config file that can't be read or parsed means no saved logins, with a warning
+        (logged once, on the ``puller`` logger), as docker carries on after "Error loading
+        config file"; ``login`` and ``logout`` still refuse to rewrite it."""
+        try:
+            doc = self.load()
+        except CredentialError as exc:
+            if not self._warned:
+                self._warned = True
+                logging.getLogger("puller").warning(
+                    "puller: WARNING: %s; going on without saved logins", exc)
+            return None
         helper = self.helper_for(registry, doc)
         if helper is not None:
             found = _helper_get(helper, config_key(registry))

@@ -461,7 +461,9 @@ def test_missing_config_dir_means_no_logins(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["malformed", "directory", "not-an-object", "deep"])
-def test_broken_config_file_is_one_clear_error_without_its_contents(tmp_path, kind):
+def test_broken_config_file_means_no_logins_and_one_warning(tmp_path, kind, caplog):
+    """docker warns "Error loading config file" and goes on without saved logins; the
+    warning names the file, not what is in it."""
     path = tmp_path / "config.json"
     if kind == "malformed":
         path.write_text('{"auths": {"reg.example": {"auth": "%s"}' % _auth("u", PASSWORD))
@@ -471,8 +473,16 @@ def test_broken_config_file_is_one_clear_error_without_its_contents(tmp_path, ki
         path.write_text('{"auths": ' + "[" * 100_000)
     else:
         path.write_text(json.dumps([PASSWORD]))
-    with pytest.raises(CredentialError) as info:
-        DockerConfig(tmp_path).get("reg.example")
+    config = DockerConfig(tmp_path)
+    with caplog.at_level("WARNING", logger="puller"):
+        assert config.get("reg.example") is None
+        assert config.get("other.example") is None
+    assert len(caplog.records) == 1  # once, not per registry
+    msg = caplog.records[0].getMessage()
+    assert "\n" not in msg and msg.startswith("puller: WARNING: ")
+    assert str(path) in msg and PASSWORD not in msg and _auth("u", PASSWORD) not in msg
+    with pytest.raises(CredentialError) as info:  # login and logout won't overwrite it
+        config.load()
     msg = one_line(info.value)
     assert str(path) in msg and PASSWORD not in msg and _auth("u", PASSWORD) not in msg
 
