@@ -35,6 +35,10 @@ __all__ = ["NotPlain", "Cancelled", "Handle", "fetch_into", "fetch_range", "in_t
            "open_get", "read_into", "done_with"]
 
 _REPORT_EVERY = 256 * 1024  # bytes between progress reports to the event loop
+# Over TLS a read returns one record, 16 KiB at most: a read gathers this much (or the
+# rest of the body) before its caller hashes and writes it, so their per-piece costs
+# are paid per 256 KiB, not per record.
+_GATHER = 256 * 1024
 _MAX_REDIRECTS = 5
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
 
@@ -111,13 +115,14 @@ def _shutdown(sock: socket.socket) -> None:
 
 def read_into(resp: http.client.HTTPResponse, view: memoryview, remaining: int | None, *,
               handle: Handle, host: str, what: str) -> int:
-    """One read of a response body into ``view``: whatever has arrived, up to
+    """One piece of a response body, read into ``view``: what has arrived, up to
     ``len(view)`` and, for a body of known length, up to its ``remaining`` bytes (None:
     chunked). 0 only at the end of the body; a known-length body that ends early raises.
-    Straight from the socket where the length is known (readinto1 returns what one recv
-    brought, so progress keeps up with the network even when it stalls); chunked bodies
-    go through http.client. Network failures become one-line errors; a cancelled
-    ``handle`` raises :class:`Cancelled`."""
+    Straight from the socket where the length is known, in as many reads as it takes to
+    gather 256 KiB or the rest of the body (each read waits for the network at most the
+    socket's timeout, so a stall is still noticed); chunked bodies go through
+    http.client. Network failures become one-line errors; a cancelled ``handle`` raises
+    :class:`Cancelled`."""
     if remaining == 0:
         return 0
     try:
@@ -126,9 +131,15 @@ def read_into(resp: http.client.HTTPResponse, view: memoryview, remaining: int |
             n = len(chunk)
             view[:n] = chunk
         else:
-            n = resp.fp.readinto1(view[:min(len(view), remaining)])  # type: ignore[union-attr]
-            if not n:
-                raise http.client.IncompleteRead(b"", remaining)
+            fp: Any = resp.fp
+            want = min(len(view), remaining)
+            goal = min(want, _GATHER)
+            n = 0
+            while n < goal:
+                got = fp.readinto1(view[n:want])
+                if not got:
+                    raise http.client.IncompleteRead(b"", remaining - n)
+                n += got
     except (OSError, http.client.HTTPException) as exc:
         if handle.cancelled.is_set():
             raise Cancelled() from exc
