@@ -2,7 +2,8 @@
 
     python benchmarks/floor.py --dest DIR 127.0.0.1:5000/repo:tag [more refs ...]
 
-Plain HTTP to loopback registries, anonymous, single-platform image manifests only. Manifests
+Plain HTTP to loopback registries (HTTPS without certificate checks with ``--tls``),
+anonymous, single-platform image manifests only. Manifests
 are fetched first over one http.client connection; then one thread per unique blob (config and
 layers, deduplicated across the refs) opens its own connection, reads the body in 1 MiB pieces
 (``readinto`` one reused buffer), hashes them with hashlib.sha256 and os.write()s them to
@@ -43,12 +44,26 @@ def parse_ref(ref: str) -> tuple[str, str, str]:
     return host, repo, tag
 
 
+TLS = False  # --tls: HTTPS without certificate checks (the benchmark's self-signed registry)
+
+
+def connect(host: str) -> http.client.HTTPConnection:
+    if TLS:
+        import ssl
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return http.client.HTTPSConnection(host, timeout=60, context=ctx)
+    return http.client.HTTPConnection(host, timeout=60)
+
+
 def get(host: str, path: str, headers: dict, conn: http.client.HTTPConnection | None = None):
     """GET following up to MAX_REDIRECTS redirects; returns (conn, response) unread."""
     own = conn is None
     for _ in range(MAX_REDIRECTS + 1):
         if conn is None:
-            conn = http.client.HTTPConnection(host, timeout=60)
+            conn = connect(host)
         conn.request("GET", path, headers=headers)
         resp = conn.getresponse()
         if resp.status in (301, 302, 303, 307, 308):
@@ -57,8 +72,8 @@ def get(host: str, path: str, headers: dict, conn: http.client.HTTPConnection | 
             if own or not loc.startswith("/"):
                 conn.close()
                 conn = None
-            if loc.startswith("http://"):
-                host, _, p = loc[len("http://"):].partition("/")
+            if loc.startswith(("http://", "https://")):
+                host, _, p = loc.split("://", 1)[1].partition("/")
                 path = "/" + p
             else:
                 path = loc
@@ -110,8 +125,11 @@ def fetch_blob(host: str, repo: str, digest: str, size: int, blob_dir: str,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dest", required=True)
+    ap.add_argument("--tls", action="store_true", help="HTTPS, certificates not checked")
     ap.add_argument("refs", nargs="+")
     args = ap.parse_args(argv)
+    global TLS
+    TLS = args.tls
 
     blob_dir = os.path.join(args.dest, "blobs", "sha256")
     os.makedirs(blob_dir, exist_ok=True)

@@ -56,7 +56,7 @@ RUN_TIMEOUT = 600.0  # seconds, per run (all of a run's commands); the child tre
 # cache lives under .work, not in the source tree. The untimed warm-up runs fill it.
 TOOL_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 TOOL_ENV["PYTHONPYCACHEPREFIX"] = str(WORK / "pycache")
-ALL_SCENARIOS = ["large", "small", "shared", "warm", "huge", "sweep", "wan", "wan1"]
+ALL_SCENARIOS = ["large", "small", "shared", "warm", "huge", "sweep", "wan", "wan1", "tls"]
 SWEEP = [1, 2, 4, 8, 16, 32]
 
 
@@ -170,6 +170,19 @@ def measure(cmds: list[list[str]], log_dir: Path, timeout: float = RUN_TIMEOUT) 
                     timed_out)
 
 
+class _SharedStorage(Registry):
+    """A registry serving another one's storage (here: over TLS)."""
+
+    def __init__(self, tmp_dir: Path, storage: Path, **kw: object) -> None:
+        super().__init__(tmp_dir, **kw)  # type: ignore[arg-type]
+        self._storage = storage
+
+    def _config(self) -> dict:
+        config = super()._config()
+        config["storage"]["filesystem"]["rootdirectory"] = str(self._storage)
+        return config
+
+
 # ------------------------------------------------------------------------------------------------
 # tools
 # ------------------------------------------------------------------------------------------------
@@ -180,6 +193,7 @@ class Ctx:
     host: str                    # registry (or proxy) host:port the tool pulls from
     images: list[seed.Image]
     concurrency: int | None = None
+    tls: bool = False            # the registry speaks HTTPS (self-signed)
 
     def ref(self, img: seed.Image) -> str:
         return f"{self.host}/{img.repo}:{img.tag}"
@@ -289,7 +303,7 @@ def sync_verify(ctx: Ctx, dest: Path, m: Measured, mode: str) -> str | None:
 
 def floor_cmds(ctx: Ctx, dest: Path) -> list[list[str]]:
     return [[tool_python(), str(BENCH / "floor.py"), "--dest", str(dest)] +
-            [ctx.ref(i) for i in ctx.images]]
+            (["--tls"] if ctx.tls else []) + [ctx.ref(i) for i in ctx.images]]
 
 
 def dxf_cmds(ctx: Ctx, dest: Path) -> list[list[str]]:
@@ -328,6 +342,7 @@ class Scenario:
     baseline: str = "puller"
     warm: bool = False
     via_proxy: bool = False
+    via_tls: bool = False
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -348,6 +363,7 @@ class Bench:
         self.registry: Registry | None = None
         self.proxy: subprocess.Popen | None = None
         self.proxy_host: str | None = None
+        self.tls_registry: Registry | None = None
         self.runs: list[dict] = []
         self.scenarios_done: list[Scenario] = []
         self.meta: dict = {}
@@ -437,6 +453,26 @@ class Bench:
                  f"request, {self.args.wan_rate / 1e6:.0f} MB/s per connection")
         return self.proxy_host
 
+    def start_tls(self) -> Registry:
+        """A second registry on the same storage, speaking HTTPS with a self-signed
+        certificate (every tool is told not to check it)."""
+        if self.tls_registry is not None:
+            return self.tls_registry
+        assert self.registry is not None
+        import trustme
+
+        d = self.run_dir / "tls"
+        d.mkdir(exist_ok=True)
+        cert = trustme.CA().issue_cert("127.0.0.1")
+        with open(d / "server.crt", "wb") as f:
+            for pem in cert.cert_chain_pems:
+                f.write(pem.bytes())
+        cert.private_key_pem.write_to_path(str(d / "server.key"))
+        self.tls_registry = _SharedStorage(self.run_dir / "registry-tls", self.registry.root,
+                                           tls=(d / "server.crt", d / "server.key")).start()
+        self.log(f"TLS registry {self.tls_registry.url} (storage {self.registry.root})")
+        return self.tls_registry
+
     def stop_proxy(self) -> None:
         p, self.proxy = self.proxy, None
         self.proxy_host = None
@@ -494,6 +530,16 @@ class Bench:
                             imgs, base_tools, via_proxy=True,
                             notes=["the proxy is a Python/aiohttp process on the same 2 cores; "
                                    "its CPU is not counted in any tool's CPU"])
+        if name == "tls":
+            self.start_tls()
+            return Scenario(name, f"the `large` image over HTTPS ({len(sz['large'])} x "
+                            f"{sz['large'][0] // MiB} MiB layers, cold)",
+                            self.image_set("large"), [t for t in base_tools
+                                                      if t[0] != "python-dxf"],
+                            via_tls=True,
+                            notes=["the same registry storage served over TLS (self-signed "
+                                   "certificate, not checked by any tool); what real "
+                                   "registries speak"])
         if name == "wan1":
             imgs = self.image_set("single")
             self.start_proxy()
@@ -517,10 +563,11 @@ class Bench:
     def one_run(self, sc: Scenario, label: str, tool: Tool, conc: int | None, rep: int,
                 dest: Path, timed: bool = True) -> dict:
         assert self.registry is not None
-        host = self.proxy_host if sc.via_proxy else self.registry.host
-        ctx = Ctx(host, sc.images, conc)
+        serving = self.tls_registry if sc.via_tls and self.tls_registry else self.registry
+        host = self.proxy_host if sc.via_proxy else serving.host
+        ctx = Ctx(host, sc.images, conc, tls=sc.via_tls)
         cmds = tool.commands(ctx, dest)
-        server = self.registry.proc.pid if self.registry.proc is not None else None
+        server = serving.proc.pid if serving.proc is not None else None
         server_cpu = _process_cpu(server)
         m = measure(cmds, self.run_dir / "logs" / f"{sc.name}-{label.replace(' ', '')}-{rep}"
                     f"-{self.seq}")
@@ -682,6 +729,8 @@ class Bench:
                     self.drop_huge()
         finally:
             self.stop_proxy()
+            if self.tls_registry is not None:
+                self.tls_registry.stop()
             if self.registry is not None:
                 self.registry.stop()
             shutil.rmtree(self.run_dir, ignore_errors=True)
