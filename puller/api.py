@@ -14,7 +14,9 @@ deduplication.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +39,7 @@ from .store import ContentStore, default_store_path
 __all__ = ["Puller", "PullOptions", "PullResult", "ImageResult"]
 
 _GC_POLL = 0.1  # seconds between looks at a store that a gc holds
+_log = logging.getLogger("puller")
 
 
 class PullOptions(Record, kw_only=True):
@@ -53,6 +56,14 @@ class PullOptions(Record, kw_only=True):
     segment_min: int = 16 << 20
 
     def __post_init__(self) -> None:
+        for name in ("concurrency", "segments", "segment_min"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+        for name in ("all_platforms", "include_foreign"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, not "
+                                f"{type(getattr(self, name)).__name__}")
         if not 1 <= self.concurrency <= 256:
             raise ValueError("concurrency must be between 1 and 256")
         if not 1 <= self.segments <= 64:
@@ -103,7 +114,15 @@ class Puller:
         """``credentials``: where registry logins come from; by default docker's
         ``config.json`` and credential helpers, ``None`` for anonymous access only, or
         any object with ``get(registry) -> Credentials | None``. ``transport``: see
-        :mod:`puller.transport` (default: aiohttp)."""
+        :mod:`puller.transport` (default: aiohttp). ``on_event``: a plain function,
+        called in the event loop with each event; it must be quick, and its failures
+        are logged once (``puller`` logger), never the pull's."""
+        if options is not None and not isinstance(options, PullOptions):
+            raise TypeError(f"options must be a PullOptions, not {type(options).__name__}")
+        if client_options is not None and not isinstance(client_options, ClientOptions):
+            raise TypeError("client_options must be a ClientOptions, not "
+                            f"{type(client_options).__name__}")
+        _check_listener(on_event)
         if isinstance(store, ContentStore):
             self.store = store
         else:
@@ -111,13 +130,18 @@ class Puller:
         self.options = options or PullOptions()
         self._client_options = client_options or ClientOptions()
         self._listener = on_event
+        self._listener_failed = False
         self._credentials = credentials
         self._transport = transport
         self._client: RegistryClient | None = None
         self._scheduler: BlobScheduler | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pulls: set[asyncio.Task[PullResult]] = set()  # running, see pull()
 
     async def __aenter__(self) -> Puller:
+        if self._executor is not None:
+            raise RuntimeError("this Puller is already open (`async with` it once at a time)")
         loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(
             max_workers=min(32, self.options.concurrency + 2), thread_name_prefix="puller-io")
@@ -128,7 +152,9 @@ class Puller:
                                                 transport=self._transport).__aenter__()
         except BaseException:
             self._executor.shutdown(wait=True)
+            self._executor = None
             raise
+        self._loop = loop
         self._scheduler = BlobScheduler(self._client, self.store,
                                         concurrency=self.options.concurrency,
                                         executor=self._executor,
@@ -139,12 +165,21 @@ class Puller:
 
     async def __aexit__(self, *exc: object) -> None:
         try:
+            # Pulls still running in other tasks end first (each fails with a
+            # PullerError), so nothing uses the client or the threads closed below.
+            pulls = [t for t in self._pulls if not t.done()]
+            for t in pulls:
+                t.cancel()
+            if pulls:
+                await asyncio.wait(pulls)
             if self._scheduler is not None:
                 await self._scheduler.aclose()
             if self._client is not None:
                 await self._client.__aexit__(None, None, None)
         finally:
             self._client = None
+            self._scheduler = None
+            self._loop = None
             if self._executor is not None:
                 executor, self._executor = self._executor, None
                 # Wait for the worker threads without blocking the loop: results they
@@ -154,8 +189,32 @@ class Puller:
                 await asyncio.sleep(0)
 
     def _emit(self, event: Event) -> None:
-        if self._listener is not None:
-            self._listener(event)
+        """Give ``event`` to the listener. A listener that fails is the embedding
+        program's bug, not the pull's: it is logged once and the pull goes on."""
+        listener = self._listener
+        if listener is None:
+            return
+        try:
+            result = listener(event)
+            if inspect.iscoroutine(result):  # an ``async def __call__``: it would never run
+                result.close()
+                raise TypeError("it returned a coroutine, which nothing awaits "
+                                "(pass a plain function)")
+        except Exception as exc:
+            if not self._listener_failed:
+                self._listener_failed = True
+                text = " ".join(str(exc).split())
+                _log.warning("puller: the on_event listener failed on a %s event (%s: %s); "
+                             "pulls go on, later listener failures are not logged",
+                             event.kind, type(exc).__name__, text)
+                _log.debug("the on_event listener's failure", exc_info=exc)
+
+    def _check_open(self) -> None:
+        if self._client is None or self._scheduler is None:
+            raise RuntimeError("Puller used outside `async with`")
+        if asyncio.get_running_loop() is not self._loop:
+            raise RuntimeError("this Puller was opened in another event loop: open it "
+                               "(`async with`) in the loop that uses it")
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -169,11 +228,14 @@ class Puller:
         Returns one entry per reference, in order: a result, or the error that image
         failed with. With ``fail_fast`` the first failure cancels the rest.
         """
+        if isinstance(refs, (str, bytes, Reference)):
+            raise TypeError("pull_many takes a list of references, not one (see pull)")
+        self._check_open()
         tasks = [asyncio.create_task(self.pull(r)) for r in refs]
         if fail_fast:
             try:
                 await asyncio.gather(*tasks)
-            except PullerError:
+            except Exception:
                 for t in tasks:
                     t.cancel()
         done = await asyncio.gather(*tasks, return_exceptions=True)
@@ -190,24 +252,58 @@ class Puller:
 
     async def pull(self, ref: str | Reference, *, platform: Platform | None = None,
                    all_platforms: bool | None = None) -> PullResult:
-        """Pull one image (every blob verified) and name it in the store's index."""
-        if self._client is None or self._scheduler is None:
-            raise RuntimeError("Puller used outside `async with`")
+        """Pull one image (every blob verified) and name it in the store's index.
+
+        Every ``pull.started`` event is followed by one ``pull.done`` or ``pull.failed``
+        (``error_type`` ``CancelledError`` when the caller's task was cancelled)."""
+        self._check_open()
+        want, every = self._wanted(platform, all_platforms)
         if not isinstance(ref, Reference):
             ref = Reference.parse(ref)
         name = str(ref)
         self._emit(PullStarted(ref=name))
+        # In a task of its own, which __aexit__ can stop without cancelling the caller.
+        work = asyncio.create_task(self._pull_pinned(ref, name, want, every),
+                                   name=f"pull {name}")
+        self._pulls.add(work)
+        work.add_done_callback(self._pulls.discard)
         try:
-            pin = await self._pin()
-            try:
-                return await self._pull(ref, name, platform or self.options.platform,
-                                        self.options.all_platforms if all_platforms is None
-                                        else all_platforms)
-            finally:
-                os.close(pin)
+            return await work
         except PullerError as exc:
             self._emit(PullFailed(ref=name, error=str(exc), error_type=type(exc).__name__))
             raise
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # our caller cancelled us
+                self._emit(PullFailed(ref=name, error="cancelled",
+                                      error_type="CancelledError"))
+                raise
+            closed = PullerError(f"{name}: the Puller was closed before the pull finished")
+            self._emit(PullFailed(ref=name, error=str(closed), error_type="PullerError"))
+            raise closed from None
+        except BaseException as exc:  # a bug: still the end of this pull's events
+            self._emit(PullFailed(ref=name, error=str(exc) or type(exc).__name__,
+                                  error_type=type(exc).__name__))
+            raise
+
+    async def _pull_pinned(self, ref: Reference, name: str, want: Platform | None,
+                           all_platforms: bool) -> PullResult:
+        pin = await self._pin()
+        try:
+            return await self._pull(ref, name, want, all_platforms)
+        finally:
+            os.close(pin)
+
+    def _wanted(self, platform: Platform | None,
+                all_platforms: bool | None) -> tuple[Platform | None, bool]:
+        """The platform and all-platforms choice of one pull or check."""
+        if platform is not None and not isinstance(platform, Platform):
+            raise TypeError("platform must be a puller.Platform (use Platform.parse)")
+        if all_platforms is not None and not isinstance(all_platforms, bool):
+            raise TypeError("all_platforms must be True, False or None, not "
+                            f"{type(all_platforms).__name__}")
+        return (platform or self.options.platform,
+                self.options.all_platforms if all_platforms is None else all_platforms)
 
     async def _pin(self) -> int:
         """Mark this pull as in progress so ``puller gc`` leaves its blobs alone until it
@@ -224,8 +320,8 @@ class Puller:
         still names the stored digest (one manifest ``HEAD``; none at all for a digest
         reference) and every blob the requested platforms need is in the store. None
         otherwise, or when the registry can't say cheaply; the store is not changed."""
-        if self._client is None:
-            raise RuntimeError("Puller used outside `async with`")
+        self._check_open()
+        want, every = self._wanted(platform, all_platforms)
         if not isinstance(ref, Reference):
             ref = Reference.parse(ref)
         name = str(ref)
@@ -245,8 +341,6 @@ class Puller:
                 return None
         elif ref.digest != stored:
             return None
-        want = platform or self.options.platform
-        every = self.options.all_platforms if all_platforms is None else all_platforms
         try:
             return self._complete(ref, name, stored, want, every)
         except PullerError:
@@ -428,6 +522,19 @@ class Puller:
             self._emit(BlobDone(ref=name, digest=str(desc.digest), size=desc.size,
                                 status=status, bytes_fetched=n))
         return status, n
+
+
+def _check_listener(listener: Any) -> None:
+    if listener is None:
+        return
+    if not callable(listener):
+        raise TypeError(f"on_event must be a function taking an event, not "
+                        f"{type(listener).__name__}")
+    if inspect.iscoroutinefunction(listener) or \
+            inspect.iscoroutinefunction(type(listener).__call__):
+        raise TypeError("on_event must be a plain function: it is called in the event loop "
+                        "and nothing awaits what it returns (to hand events to a task, pass "
+                        "an asyncio.Queue's put_nowait)")
 
 
 async def _gather_all(*aws: Any) -> list[Any]:

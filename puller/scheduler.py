@@ -78,17 +78,40 @@ class BlobScheduler:
                 return ("downloaded", 0) if digest in self._fetched else ("exists", 0)
             task = asyncio.create_task(self._download(ref, desc), name=f"blob {digest}")
             self._inflight[digest] = task
-            self._watchers[digest] = [image]
+            watchers = self._watchers[digest] = [image]
             task.add_done_callback(lambda t, d=digest: self._forget(d, t))
             owner = True
         else:
-            self._watchers.setdefault(digest, []).append(image)
+            watchers = self._watchers.setdefault(digest, [])
+            watchers.append(image)
             owner = False
-        # Shielded: one image giving up must not cancel a download others wait for.
-        fetched = await asyncio.shield(task)
+        try:
+            # Shielded: one image giving up must not cancel a download others wait for.
+            fetched = await asyncio.shield(task)
+        finally:
+            await self._leave(digest, task, watchers, image)
         if fetched < 0:  # someone else (another process) committed it meanwhile
             return "exists", 0
         return "downloaded", fetched if owner else 0
+
+    async def _leave(self, digest: Digest, task: asyncio.Task[int], watchers: list[str],
+                     image: str) -> None:
+        """``image`` no longer waits for ``task``: it gets no more events about it, and
+        when nobody else waits either, the download is stopped (and waited for, thread
+        and all) rather than left running for no one."""
+        if image in watchers:
+            watchers.remove(image)
+        if watchers or task.done():
+            return
+        if self._inflight.get(digest) is task:  # a new caller starts a new download
+            del self._inflight[digest]
+            self._watchers.pop(digest, None)
+        task.cancel()
+        while not task.done():
+            try:
+                await asyncio.wait([task])
+            except asyncio.CancelledError:
+                pass  # cancelled again: we are on our way out already
 
     async def aclose(self) -> None:
         """Cancel downloads nobody waits for any more and wait until they have stopped."""
@@ -467,9 +490,13 @@ class BlobScheduler:
 
         pool = self._body_pool()
         futures = [loop.run_in_executor(pool, segment, i) for i in range(parts)]
+        gathered = asyncio.gather(*futures)
         try:
-            await asyncio.shield(asyncio.gather(*futures))
+            await asyncio.shield(gathered)
         except BaseException as exc:
+            # Cancelled, the shield drops the gather: its error is retrieved here instead
+            # of printed as "exception was never retrieved" when it is collected.
+            gathered.add_done_callback(_retrieve)
             for h in handles:
                 h.cancel()
             while not all(f.done() for f in futures):  # no thread may outlive the writer
@@ -578,6 +605,11 @@ def _ranges(begun: int, size: int, parts: int) -> list[tuple[int, int]]:
     step = (size - begun) // parts
     return [(begun + i * step, begun + (i + 1) * step - 1 if i < parts - 1 else size - 1)
             for i in range(parts)]
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _close_opened(fut: asyncio.Future[BlobWriter | None]) -> None:
