@@ -218,8 +218,10 @@ class BlobScheduler:
                 return 0
             self._notify(desc.digest, lambda im: BlobStarted(
                 ref=im, digest=str(desc.digest), size=desc.size, offset=start_offset))
+            if writer.held and ref.api_host in self._no_ranges:
+                writer.held = []  # ranges it won't serve: one stream from the prefix
             parts = self._segments_for(ref, desc.size - start_offset)
-            if parts > 1:
+            if parts > 1 or writer.held:  # (what an earlier attempt left: only the gaps)
                 return await self._download_segments(ref, desc, writer, parts)
             if self._threaded:
                 req = await self._client.blob_request(ref, desc.digest)
@@ -404,13 +406,14 @@ class BlobScheduler:
                     self._raise_error_status(np, ref, desc)
                     # A challenge or an oddity: the same ranges through the client.
         begun = writer.offset
-        bounds = _ranges(begun, desc.size, parts)
+        held = sum(b - a for a, b in writer.held)
+        bounds = _plan(begun, desc.size, writer.held, parts)
         cursors = [a for a, _ in bounds]
         await self._run(writer.begin_segments)
 
         def done() -> int:
-            return writer.offset + sum(c - a for c, (a, _) in
-                                       zip(cursors[1:], bounds[1:], strict=True))
+            return writer.offset + held + sum(c - a for c, (a, _) in
+                                              zip(cursors[1:], bounds[1:], strict=True))
 
         async def segment(i: int) -> None:
             a, b = bounds[i]
@@ -429,33 +432,35 @@ class BlobScheduler:
             if reached != b + 1:
                 raise TransportError(f"range {a}-{b} of blob {desc.digest} ended at {reached}")
 
-        tasks = [asyncio.create_task(segment(i)) for i in range(parts)]
+        tasks = [asyncio.create_task(segment(i)) for i in range(len(bounds))]
         try:
             await asyncio.gather(*tasks)
         except BaseException as exc:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await self._segments_failed(exc, ref, desc, writer, begun)
+            writer.hold(_reached(bounds, cursors))
+            await self._segments_failed(exc, ref, desc, writer, done() - held - begun)
             raise
         await self._run(writer.commit_segments)
-        return desc.size - begun
+        return desc.size - begun - held
 
     async def _segments_failed(self, exc: BaseException, ref: Reference, desc: Descriptor,
-                               writer: BlobWriter, begun: int) -> None:
+                               writer: BlobWriter, fetched: int) -> None:
         """Raise what a failed parallel-range download means (returns for anything
-        that is not a transfer failure, for the caller to re-raise)."""
+        that is not a transfer failure, for the caller to re-raise). ``fetched``: the
+        bytes this attempt received (the ranges that arrived are held for the next)."""
         if isinstance(exc, RangeNotHonoured):
             self._no_ranges.add(ref.api_host)  # from now on one stream per blob
             retry = TransportError(f"{exc}; fetching {desc.digest} in one stream")
-            raise _Partial(retry, writer.offset - begun) from exc
+            raise _Partial(retry, fetched) from exc
         if isinstance(exc, (PullerError, *self._client.transport_errors)):
             err = exc if isinstance(exc, PullerError) else self._client.map_transport(
                 exc, ref.api_host, f"fetching blob {desc.digest}")
             if isinstance(err, SizeMismatch):
                 await self._run(writer.restart)
                 raise err from exc
-            raise _Partial(err, writer.offset - begun) from exc
+            raise _Partial(err, fetched) from exc
 
     async def _segments_in_threads(self, req: BlobRequest, ref: Reference, desc: Descriptor,
                                    writer: BlobWriter, parts: int) -> int:
@@ -464,17 +469,20 @@ class BlobScheduler:
         others write at their offsets; once all are in, the rest is hashed from disk."""
         loop = asyncio.get_running_loop()
         begun = writer.offset
-        bounds = _ranges(begun, desc.size, parts)
+        held = sum(b - a for a, b in writer.held)
+        bounds = _plan(begun, desc.size, writer.held, parts)
         cursors = [a for a, _ in bounds]
         digest = str(desc.digest)
         what = f"fetching blob {desc.digest}"
         await self._run(writer.begin_segments)
-        handles = [Handle() for _ in range(parts)]
+        handles = [Handle() for _ in bounds]
+
+        def received() -> int:
+            return writer.offset - begun + sum(c - a for c, (a, _) in
+                                               zip(cursors[1:], bounds[1:], strict=True))
 
         def report() -> None:  # in the loop
-            done = writer.offset + sum(c - a for c, (a, _) in
-                                       zip(cursors[1:], bounds[1:], strict=True))
-            self._progress(desc.digest, digest, done, desc.size)
+            self._progress(desc.digest, digest, begun + held + received(), desc.size)
 
         progress = self._reporter(loop, lambda _: report())
 
@@ -489,7 +497,7 @@ class BlobScheduler:
                         pool=self._connections, what=what)
 
         pool = self._body_pool()
-        futures = [loop.run_in_executor(pool, segment, i) for i in range(parts)]
+        futures = [loop.run_in_executor(pool, segment, i) for i in range(len(bounds))]
         gathered = asyncio.gather(*futures)
         try:
             await asyncio.shield(gathered)
@@ -507,12 +515,13 @@ class BlobScheduler:
             for f in futures:
                 if not f.cancelled():
                     f.exception()  # retrieved
+            writer.hold(_reached(bounds, cursors))  # every thread has stopped
             if isinstance(exc, NotPlain):
                 raise
-            await self._segments_failed(exc, ref, desc, writer, begun)
+            await self._segments_failed(exc, ref, desc, writer, received())
             raise
         await self._run(writer.commit_segments)
-        return desc.size - begun
+        return desc.size - begun - held
 
     async def _pump(self, ref: Reference, content: Any, writer: BlobWriter,
                     desc: Descriptor, sink: Callable[[list[bytes]], object] | None = None,
@@ -605,6 +614,32 @@ def _ranges(begun: int, size: int, parts: int) -> list[tuple[int, int]]:
     step = (size - begun) // parts
     return [(begun + i * step, begun + (i + 1) * step - 1 if i < parts - 1 else size - 1)
             for i in range(parts)]
+
+
+def _plan(begun: int, size: int, held: list[tuple[int, int]],
+          parts: int) -> list[tuple[int, int]]:
+    """The (first, last) ranges to fetch: bytes ``begun``..``size - 1`` less the ``held``
+    ones (``(start, end)``, end exclusive, after ``begun``), about ``parts`` of them
+    shared among the gaps by size, at least one a gap. The first starts at ``begun``."""
+    gaps, at = [], begun
+    for a, b in held:
+        if a > at:
+            gaps.append((at, a))
+        at = max(at, b)
+    if at < size:
+        gaps.append((at, size))
+    total = sum(b - a for a, b in gaps)
+    out: list[tuple[int, int]] = []
+    for a, b in gaps:
+        k = max(1, min(b - a, round(parts * (b - a) / total)))
+        out += _ranges(a, b, k)
+    return out
+
+
+def _reached(bounds: list[tuple[int, int]], cursors: list[int]) -> list[tuple[int, int]]:
+    """What the ranges after the first (which streams into the hash) have on disk, as
+    (start, end) spans, end exclusive."""
+    return [(a, c) for (a, _), c in zip(bounds[1:], cursors[1:], strict=True) if c > a]
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:

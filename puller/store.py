@@ -7,8 +7,8 @@ Layout of the store root::
     blobs/sha256/<hex>         verified content only; the name is the digest of the bytes
     ingest/sha256-<hex>        an unfinished download (never counted as present), locked
                                (flock) by whoever is writing that digest
-    ingest/sha256-<hex>.segments  only during a parallel-range download: how far its data
-                               was verified when the ranges began
+    ingest/sha256-<hex>.segments  beside a partial fetched as parallel ranges: how far its
+                               data is verified, and which later ranges are on disk
     index.json.lock            serialises index.json updates between processes
     gc.lock, pulls.lock        keep ``puller gc`` and pulls apart (see :meth:`ContentStore.pin`)
 
@@ -47,6 +47,8 @@ from .fsutil import (WRITEBACK_STEP, fsync_dir, start_writeback, thread_buffer, 
 __all__ = ["ContentStore", "BlobWriter", "StoreBusy", "default_store_path"]
 
 GC_LOCK = "gc.lock"
+_MARK_MAX = 1 << 16  # bytes of a segments note read at most
+_MAX_HELD = 256  # ranges a segments note keeps at most (each attempt adds a few)
 SEGMENTS_SUFFIX = ".segments"  # ingest/<algorithm>-<hex>.segments: see BlobWriter.begin_segments
 PULLS_LOCK = "pulls.lock"
 
@@ -144,6 +146,20 @@ def partial_bytes(entry: os.DirEntry[str]) -> int | None:
     return None
 
 
+def _spans_from(offset: int, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``spans`` ((start, end), end exclusive) from ``offset`` on: clipped there, sorted,
+    the empty ones dropped and the touching ones merged."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted((max(a, offset), b) for a, b in spans):
+        if b <= a:
+            continue
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(b, out[-1][1]))
+        else:
+            out.append((a, b))
+    return out
+
+
 class BlobWriter:
     """Writes one blob into ``ingest/`` and commits it only when size and digest match.
 
@@ -153,7 +169,9 @@ class BlobWriter:
     data file was three, and creating and deleting them made a pull of 100 small blobs
     take 350 ms of CPU instead of 210. Not thread-safe: one caller drives it, possibly
     from a worker thread.
-    ``offset`` is the number of bytes already written and hashed (resumed data included).
+    ``offset`` is the number of bytes already written and hashed (resumed data included);
+    ``held`` lists later byte ranges ``(start, end)`` (end exclusive) that an earlier
+    parallel-range attempt left on disk, not yet hashed: a resume fetches only the gaps.
     """
 
     def __init__(self, store: ContentStore, digest: Digest, size: int, fd: int,
@@ -166,6 +184,7 @@ class BlobWriter:
         self._mark = path.with_name(path.name + SEGMENTS_SUFFIX)
         self._hasher = digest.hasher()
         self.offset = 0
+        self.held: list[tuple[int, int]] = []
         self._unflushed = 0  # bytes written since the kernel was last asked to write back
         self.committed = False
         self._resumed = False  # until then close() leaves the file as it found it
@@ -184,13 +203,20 @@ class BlobWriter:
     def _resume(self) -> None:
         """Re-hash what an earlier attempt left, so the download can continue after it."""
         have = os.fstat(self._fd).st_size
-        verified = self._read_segments_mark()
-        if verified is not None and verified < have:
-            # A parallel-range attempt died (kill -9) with unhashed segments on disk, maybe
-            # with holes: only the prefix it had verified when it began is known good.
-            os.ftruncate(self._fd, verified)
+        mark = self._read_segments_mark()
+        held: list[tuple[int, int]] = []
+        if mark is not None:
+            verified, held = mark
+            verified = min(verified, have)
+            # Only what the note vouches for counts: the verified prefix, and the ranges
+            # an attempt that stopped cleanly left whole. Anything else on disk was being
+            # written when an attempt died (kill -9) and may have holes.
+            held = _spans_from(verified, [(a, b) for a, b in held
+                                          if b <= min(have, self.size)])
+            end = max([verified] + [b for _, b in held])
+            if end < have:
+                os.ftruncate(self._fd, end)
             have = verified
-        self._clear_segments_mark()
         if have > self.size:
             os.ftruncate(self._fd, 0)
             have = 0
@@ -206,8 +232,12 @@ class BlobWriter:
             os.ftruncate(self._fd, 0)
             self._hasher = self.digest.hasher()
             done = 0
+            held = []
         os.lseek(self._fd, done, os.SEEK_SET)
         self.offset = done
+        self.held = held
+        while self.held and self.held[0][0] == self.offset:  # joins the prefix: hash it now
+            self.absorb(self.held.pop(0)[1])
 
     def restart(self) -> None:
         """Throw away the partial data (the server ignored our Range and sent it all)."""
@@ -218,6 +248,7 @@ class BlobWriter:
             raise _store_error(exc, f"truncating partial download of {self.digest}") from exc
         self._hasher = self.digest.hasher()
         self.offset = 0
+        self.held = []
 
     def write(self, data: bytes | memoryview) -> None:
         """Hash and append ``data``; refuses bytes beyond the descriptor's size."""
@@ -246,19 +277,43 @@ class BlobWriter:
         for c in chunks:
             self.write(c)
 
-    def _read_segments_mark(self) -> int | None:
+    def _read_segments_mark(self) -> tuple[int, list[tuple[int, int]]] | None:
+        """The note beside a partial fetched in ranges: the verified prefix and the
+        later ranges known whole on disk. A note that can't be read vouches for nothing
+        (the download starts over, which is never wrong)."""
         try:
             fd = os.open(self._mark, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
             return None
         try:
-            raw = os.read(fd, 32)
+            raw = os.read(fd, _MARK_MAX)
         finally:
             os.close(fd)
         try:
-            return max(0, int(raw))
-        except ValueError:
-            return 0
+            doc = json.loads(raw)
+            if isinstance(doc, int) and not isinstance(doc, bool):  # an older note
+                return max(0, doc), []
+            verified = doc["verified"]
+            held = [(int(a), int(b)) for a, b in doc["held"]]
+            if not isinstance(verified, int) or isinstance(verified, bool):
+                raise ValueError(verified)
+        except (ValueError, TypeError, KeyError, RecursionError):
+            return 0, []
+        merged: list[tuple[int, int]] = []
+        for a, b in sorted(held):
+            if merged and a < merged[-1][1]:  # overlapping: not a note puller wrote
+                return max(0, verified), []
+            merged.append((a, b))
+        return max(0, verified), merged
+
+    def _write_segments_mark(self, held: list[tuple[int, int]]) -> None:
+        doc = {"verified": self.offset, "held": [[a, b] for a, b in held]}
+        fd = os.open(self._mark, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        try:
+            write_all(fd, json.dumps(doc, separators=(",", ":")).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _clear_segments_mark(self) -> None:
         try:
@@ -268,16 +323,17 @@ class BlobWriter:
 
     def begin_segments(self) -> None:
         """Note, before later ranges are written ahead of the hashed prefix, how far the
-        data is verified; a crash from here on resumes from that point."""
+        data is verified and which later ranges are whole (:attr:`held`); a crash from
+        here on resumes from that."""
         try:
-            fd = os.open(self._mark, os.O_WRONLY | os.O_CREAT | os.O_TRUNC |
-                         os.O_NOFOLLOW, 0o644)
-            try:
-                os.write(fd, str(self.offset).encode())
-            finally:
-                os.close(fd)
+            self._write_segments_mark(self.held)
         except OSError as exc:
             raise _store_error(exc, f"preparing parallel download of {self.digest}") from exc
+
+    def hold(self, ranges: list[tuple[int, int]]) -> None:
+        """Ranges ``(start, end)`` of a parallel download that stopped, whole on disk:
+        kept (with :attr:`held`) when the writer closes, for the next attempt."""
+        self.held = _spans_from(self.offset, [*self.held, *ranges])[:_MAX_HELD]
 
     def write_at(self, position: int, chunks: list[bytes]) -> int:
         """Store a later segment of a parallel download at ``position``, unhashed.
@@ -373,20 +429,27 @@ class BlobWriter:
         except OSError:
             pass
         self.offset = 0
+        self.held = []
         self._hasher = self.digest.hasher()
 
     def close(self) -> None:
-        """Release the file and its lock; uncommitted data stays for a later resume (an
-        empty partial is removed: there is nothing to resume)."""
+        """Release the file and its lock; uncommitted data stays for a later resume: the
+        hashed prefix, and the :attr:`held` ranges of a parallel download, noted once
+        the data is on disk (an empty partial is removed: there is nothing to resume)."""
         if self._fd < 0:
             return
         if self._resumed and not self.committed:
             try:
-                # Only the hashed prefix is worth resuming from; drop unhashed segments.
-                if os.fstat(self._fd).st_size > self.offset:
-                    os.ftruncate(self._fd, self.offset)
-                self._clear_segments_mark()
-                if self.offset == 0:  # still locked: a waiter finds the name gone
+                held = _spans_from(self.offset, self.held)
+                end = max([self.offset] + [b for _, b in held])
+                if os.fstat(self._fd).st_size > end:  # unhashed bytes nothing vouches for
+                    os.ftruncate(self._fd, end)
+                if held:
+                    os.fsync(self._fd)  # the data first: the note must not outlive it
+                    self._write_segments_mark(held)
+                else:
+                    self._clear_segments_mark()
+                if end == 0:  # still locked: a waiter finds the name gone
                     os.unlink(self._path)
             except OSError:
                 pass

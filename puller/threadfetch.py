@@ -39,6 +39,7 @@ _REPORT_EVERY = 256 * 1024  # bytes between progress reports to the event loop
 # rest of the body) before its caller hashes and writes it, so their per-piece costs
 # are paid per 256 KiB, not per record.
 _GATHER = 256 * 1024
+_FAILED = "_puller_failed"  # a response's error, raised after the bytes that came before it
 _MAX_REDIRECTS = 5
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
 
@@ -121,11 +122,15 @@ def read_into(resp: http.client.HTTPResponse, view: memoryview, remaining: int |
     Straight from the socket where the length is known, in as many reads as it takes to
     gather 256 KiB or the rest of the body (each read waits for the network at most the
     socket's timeout, so a stall is still noticed); chunked bodies go through
-    http.client. Network failures become one-line errors; a cancelled ``handle`` raises
-    :class:`Cancelled`."""
+    http.client. A failure after some bytes of a piece arrived returns those first (a
+    resume then starts after them) and is raised by the next call. Network failures
+    become one-line errors; a cancelled ``handle`` raises :class:`Cancelled`."""
     if remaining == 0:
         return 0
     try:
+        failed = getattr(resp, _FAILED, None)
+        if failed is not None:
+            raise failed
         if remaining is None:
             chunk = resp.read1(len(view))
             n = len(chunk)
@@ -136,9 +141,15 @@ def read_into(resp: http.client.HTTPResponse, view: memoryview, remaining: int |
             goal = min(want, _GATHER)
             n = 0
             while n < goal:
-                got = fp.readinto1(view[n:want])
-                if not got:
-                    raise http.client.IncompleteRead(b"", remaining - n)
+                try:
+                    got = fp.readinto1(view[n:want])
+                    if not got:
+                        raise http.client.IncompleteRead(b"", remaining - n)
+                except (OSError, http.client.HTTPException) as exc:
+                    if not n:
+                        raise
+                    setattr(resp, _FAILED, exc)  # for the next call, after these bytes
+                    break
                 n += got
     except (OSError, http.client.HTTPException) as exc:
         if handle.cancelled.is_set():

@@ -75,6 +75,7 @@ class FaultProxy:
         self._session = None
         self._server = ThreadedServer(self._make_app, name="fault-proxy")
         self._limiter: dict | None = None
+        self.stalls_begun = 0  # stall rules that have reached their pause (all bytes sent)
 
     # -- lifecycle / addresses -------------------------------------------------------------------
     def start(self) -> "FaultProxy":
@@ -358,6 +359,8 @@ class FaultProxy:
                         sent += k
                         note(bytes_sent=sent)
                         await self._flush(request)
+                        with self._lock:
+                            self.stalls_begun += 1
                         await asyncio.sleep(stall.params["seconds"])
                         stalled = True
                         chunk = chunk[k:]
