@@ -333,6 +333,7 @@ class Puller:
         except PullerError:
             return None
         if ref.digest is None:
+            assert self._client is not None  # (checked open above)
             try:
                 head = await self._client.head_manifest(ref)
             except PullerError:

@@ -237,6 +237,11 @@ class RegistryClient:
             self._open = False
             await self._transport.close()
 
+    def _failures(self) -> tuple[type[BaseException], ...]:
+        """What a request can fail with short of a PullerError: the transport's errors,
+        and ValueError (a URL or header value the HTTP library refuses)."""
+        return (*self.transport_errors, ValueError)
+
     @property
     def transport_errors(self) -> tuple[type[BaseException], ...]:
         """Exception types that mean the network failed (see :meth:`map_transport`)."""
@@ -428,7 +433,7 @@ class RegistryClient:
                     resp.release()
             except PullerError:
                 raise
-            except (*self.transport_errors, ValueError) as exc:
+            except self._failures() as exc:
                 raise self.map_transport(exc, at, what) from exc
             try:
                 return parse_token_response(body)
@@ -581,7 +586,7 @@ class RegistryClient:
                         raise TransportError(f"too many redirects from {host} while {what}")
                 except PullerError:
                     raise
-                except (*self._transport.errors, ValueError) as exc:
+                except self._failures() as exc:
                     if (scheme == "https" and self._schemes.get(host) != "https"
                             and self._relaxed(host) and self._transport.tls_mismatch(exc)):
                         # A loopback or insecure registry that doesn't speak TLS: plain

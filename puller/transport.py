@@ -108,7 +108,7 @@ def env_proxy(url: str) -> str | None:
     one for this machine (localhost, 127.0.0.0/8, ::1). A value without a scheme means
     ``http://``. Raises :class:`ProxyError`, naming the variable, for a value that is
     not an ``http://HOST[:PORT]`` URL."""
-    from urllib.request import proxy_bypass_environment
+    from urllib.request import proxy_bypass_environment  # type: ignore[attr-defined]
 
     from .tls import is_loopback_host
 
