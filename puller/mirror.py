@@ -26,7 +26,8 @@ from .reference import Reference, is_tag
 
 __all__ = ["TagFilter", "MirrorSource", "MirrorConfig", "ConfigError", "parse_source",
            "parse_target", "load_config", "filter_tags", "parse_version", "version_matches",
-           "shard_of", "assign_shards", "parse_shard", "rate_delay", "Job", "plan_target"]
+           "shard_of", "assign_shards", "parse_shard", "rate_delay", "MAX_RATE_DELAY", "Job",
+           "plan_target", "check_targets"]
 
 
 class ConfigError(PullerError, ValueError):
@@ -113,7 +114,8 @@ def version_matches(version: Version, expression: str) -> bool:
     """npm-style ranges: ``>=1.2 <2``, ``^1.4``, ``~1.4.2``, ``1.x``, ``1.2.*``, with ``||``
     between alternatives. Pre-releases match only when the range names one."""
     for alternative in expression.split("||"):
-        tokens = re.findall(r"(?:>=|<=|>|<|=|\^|~)?\s*[^\s]+", alternative.strip())
+        # An operator may be followed by spaces (">= 1.2 < 2", as npm allows).
+        tokens = re.findall(r"(?:(?:>=|<=|>|<|=|\^|~)\s*)?[^\s]+", alternative.strip())
         if not tokens:
             return True
         constraints: list[tuple[str, Version]] = []
@@ -236,6 +238,16 @@ def plan_target(source: Reference, target: tuple[str, str], override: str | None
     return checked.replace(tag=source.tag, digest=source.digest)
 
 
+def check_targets(sources: list[MirrorSource] | tuple[MirrorSource, ...],
+                  target: tuple[str, str] | None) -> None:
+    """Raise ConfigError, before any request, if a source has no valid target name (none
+    given, or ``PREFIX/`` + its path is not a repository name, e.g. too long)."""
+    for s in sources:
+        if s.target is None and target is None:
+            raise ConfigError(f"no target for {s.repository}: give --target or 'target:'")
+        plan_target(s.ref, target or ("", ""), s.target)
+
+
 @dataclass(frozen=True, slots=True)
 class MirrorConfig:
     target: str | None = None
@@ -296,6 +308,7 @@ def load_config(text: str, name: str = "mirror config") -> MirrorConfig:
           - 127.0.0.1:5000/fleet/api:1           # one reference, as it is
     """
     doc: Any
+    lines: list[int] = []  # YAML: the line of each entry of 'sources', for messages
     stripped = text.lstrip()
     # A key given twice is a mistake in the file (which one was meant?), not a choice
     # for the parser to make silently.
@@ -340,6 +353,7 @@ def load_config(text: str, name: str = "mirror config") -> MirrorConfig:
         except yaml.YAMLError as exc:
             detail = " ".join(str(exc).split())
             raise ConfigError(f"{name}: invalid YAML: {detail[:200]}") from None
+        lines = _source_lines(text, yaml)
     if not isinstance(doc, dict):
         raise ConfigError(f"{name}: expected a mapping with 'sources'")
     unknown = set(doc) - {"target", "sources", "concurrency", "platforms"}
@@ -364,6 +378,8 @@ def load_config(text: str, name: str = "mirror config") -> MirrorConfig:
             item = {"source": item}
         if not isinstance(item, dict) or not isinstance(item.get("source"), str):
             raise ConfigError(f"{where}: expected a reference or a mapping with 'source'")
+        where += f" ({' '.join(item['source'][:200].split())}"
+        where += f", line {lines[i]})" if i < len(lines) else ")"
         unknown = set(item) - {"source", "tags", "platforms", "target"}
         if unknown:
             raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
@@ -382,7 +398,11 @@ def load_config(text: str, name: str = "mirror config") -> MirrorConfig:
             if named:
                 raise ConfigError(f"{where}: target names a repository, without tag or digest")
             override = o.name
-        tags = _tag_filter(item.get("tags"), where)
+        try:
+            tags = _tag_filter(item.get("tags"), where)
+        except ConfigError as exc:
+            msg = str(exc)
+            raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}") from None
         if pinned and tags.active:
             raise ConfigError(f"{where}: tag filters apply to a repository, not to one tag")
         platforms = _platforms(item.get("platforms"), f"{where}: platforms") \
@@ -391,6 +411,21 @@ def load_config(text: str, name: str = "mirror config") -> MirrorConfig:
                                     target=override))
     return MirrorConfig(target=target, sources=tuple(sources), concurrency=concurrency,
                         platforms=default_platforms)
+
+
+def _source_lines(text: str, yaml: Any) -> list[int]:
+    """The line (from 1) where each entry of a YAML config's ``sources`` starts."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return []
+    if not isinstance(root, yaml.MappingNode):
+        return []
+    for key, value in root.value:
+        if isinstance(key, yaml.ScalarNode) and key.value == "sources" and \
+                isinstance(value, yaml.SequenceNode):
+            return [n.start_mark.line + 1 for n in value.value]
+    return []
 
 
 # -- shards -------------------------------------------------------------------------------------
@@ -434,15 +469,19 @@ def assign_shards(repositories: list[str], shards: int) -> dict[str, int]:
 
 # -- rate limits ---------------------------------------------------------------------------------
 
+MAX_RATE_DELAY = 900.0  # the longest single pause before a GET (a 429 after it is retried)
+
+
 def rate_delay(remaining: int | None, limit: int | None, window: int | None,
                reserve: int) -> float:
     """Seconds to wait before the next counted request: 0 while more than ``reserve``
     requests are left; else the time the registry takes to give one back
-    (window / limit, e.g. 21600 s / 100 on Docker Hub)."""
+    (window / limit, e.g. 21600 s / 100 on Docker Hub), at most :data:`MAX_RATE_DELAY`.
+    A limit or window that isn't a positive number counts as unknown (60 s)."""
     if remaining is None or remaining > reserve:
         return 0.0
-    if limit and window:
-        return window / limit
+    if limit is not None and limit > 0 and window is not None and window > 0:
+        return min(window / limit, MAX_RATE_DELAY)
     return 60.0
 
 
@@ -537,6 +576,7 @@ async def run_mirror(client: Any, transfer: Any, sources: list[MirrorSource],
     """Plan (list tags, filter, shard) and copy every job through one ``transfer``."""
     from .push import ImageStats, choose_platforms
 
+    check_targets(sources, target)
     k, n = shard
     table = assign_shards([s.repository for s in sources], n)
     mine = [s for s in sources if table[s.repository] == k]
@@ -625,7 +665,9 @@ async def run_mirror(client: Any, transfer: Any, sources: list[MirrorSource],
             src_digest = head[0]
             expected = src_digest
             data = media_type = None
-            if job.platforms is not None and (have is not None or not dry_run):
+            if job.platforms is not None:
+                # The digest the target will hold depends on the index (a dry run too: it
+                # says what a real run would copy, or that it would fail).
                 ticket = await gate.before_get(src)
                 try:
                     fetched = await client.get_manifest(src, str(src_digest))
@@ -637,6 +679,11 @@ async def run_mirror(client: Any, transfer: Any, sources: list[MirrorSource],
                 expected = one_image.digest if one_image is not None else \
                     _sha256(data)
                 job.extra["one_image"] = one_image
+                if dst.tag is None and dst.digest != expected:
+                    # A pinned digest narrowed to some platforms: the target holds (and
+                    # is named by) the narrowed manifest, not the source's digest.
+                    dst = job.target = dst.replace(digest=expected)
+                    have = await client.head_manifest(dst, str(expected))
             if have is not None and have[0] == expected:
                 job.status, job.digest = "skipped", str(expected)
                 emit({"event": "image.skipped", "ref": str(src), "target": str(dst),

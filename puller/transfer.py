@@ -494,8 +494,8 @@ class _Engine:
 
 def _mirror_command(args: argparse.Namespace) -> int:
     from .errors import PullerError
-    from .mirror import ConfigError, MirrorSource, TagFilter, load_config, parse_shard, \
-        parse_source, parse_target
+    from .mirror import ConfigError, MirrorSource, TagFilter, check_targets, load_config, \
+        parse_shard, parse_source, parse_target
     from .platform import Platform
 
     out = _Out(args)
@@ -532,6 +532,7 @@ def _mirror_command(args: argparse.Namespace) -> int:
         if target is None and any(s.target is None for s in sources):
             raise ConfigError("no target: give --target HOST[/PREFIX] or 'target:' in the "
                               "config")
+        check_targets(sources, target)
         if config is not None and config.concurrency and args.concurrency == 8:
             args.concurrency = config.concurrency
         client_options = _client_options(args)
