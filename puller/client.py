@@ -46,8 +46,9 @@ from .manifest import MAX_MANIFEST_SIZE
 from .mediatypes import ACCEPT
 from .record import Record
 from .reference import Reference
-from .tls import is_loopback_host, make_ssl_context
-from .transport import Transport, proxy_configured, redirect_target, unusable_redirect
+from .tls import InsecureRegistries, is_loopback_host, make_ssl_context
+from .transport import (Transport, describe_network_error, proxy_configured, redirect_target,
+                        tls_alert, tls_refusal, unusable_redirect)
 
 __all__ = ["ClientOptions", "RegistryClient", "FetchedManifest", "BlobStream", "retry_delay",
            "RangeNotHonoured", "DEFAULT_CREDENTIALS"]
@@ -219,9 +220,9 @@ class RegistryClient:
         self._probes: dict[str, asyncio.Lock] = {}  # host -> held while its scheme is found
         self._proxied = proxy_configured()  # read once: the environment is read once too
         self._rate_limits: dict[str, RateLimit] = {}  # host -> its last RateLimit-* answer
-        self._insecure = {h.strip() for h in self.options.insecure_registries if h.strip()}
         env = os.environ.get("PULLER_INSECURE_REGISTRIES", "")
-        self._insecure.update(h.strip() for h in env.split(",") if h.strip())
+        self._insecure = InsecureRegistries([*self.options.insecure_registries,
+                                             *env.split(",")], self.options.add_hosts)
 
     async def __aenter__(self) -> RegistryClient:
         if self._transport is None:
@@ -288,6 +289,9 @@ class RegistryClient:
     def map_transport(self, exc: BaseException, host: str, what: str) -> PullerError:
         """Turn a transport's exception into a one-line :class:`PullerError`."""
         assert self._transport is not None
+        tls = tls_refusal(exc)
+        if tls is not None:  # one wording whichever transport saw it
+            return describe_network_error(tls, host, what)
         return self._transport.classify(exc, host, what)
 
     async def _error_for(self, resp: Any, host: str, what: str) -> RegistryError:
@@ -588,9 +592,11 @@ class RegistryClient:
                     raise
                 except self._failures() as exc:
                     if (scheme == "https" and self._schemes.get(host) != "https"
-                            and self._relaxed(host) and self._transport.tls_mismatch(exc)):
+                            and self._relaxed(host) and self._transport.tls_mismatch(exc)
+                            and tls_alert(exc) is None):
                         # A loopback or insecure registry that doesn't speak TLS: plain
-                        # HTTP, as docker does, from now on.
+                        # HTTP, as docker does, from now on. (One that answered with a
+                        # TLS alert speaks TLS and refused us: that error is the answer.)
                         self._schemes[host] = "http"
                         continue
                     raise self.map_transport(exc, host, what) from exc

@@ -18,10 +18,12 @@ import ipaddress
 import os
 import ssl
 from pathlib import Path
+from typing import Any, Callable, Iterable
 
 from .errors import PullerError
 
-__all__ = ["certs_dirs", "make_ssl_context", "is_loopback_host", "TLSConfigError"]
+__all__ = ["certs_dirs", "make_ssl_context", "is_loopback_host", "TLSConfigError",
+           "InsecureRegistries"]
 
 
 class TLSConfigError(PullerError):
@@ -40,11 +42,7 @@ def certs_dirs() -> list[Path]:
 
 def is_loopback_host(host: str) -> bool:
     """``host[:port]`` names this machine: localhost, 127.0.0.0/8 or ::1."""
-    name = host
-    if name.startswith("["):
-        name = name[1:].split("]", 1)[0]
-    elif name.count(":") == 1:
-        name = name.split(":", 1)[0]
+    name = _hostname(host)
     if name == "localhost":
         return True
     try:
@@ -54,7 +52,10 @@ def is_loopback_host(host: str) -> bool:
 
 
 def make_ssl_context(host: str, *, ca_cert: str | None, verify: bool) -> ssl.SSLContext:
-    """The SSL context for one registry host (``host[:port]``)."""
+    """The SSL context for one registry host (``host[:port]``). A file that can't be
+    used is a :class:`TLSConfigError` naming it; as in docker, so is a ``NAME.cert``
+    without ``NAME.key`` and a ``NAME.key`` without ``NAME.cert`` (a client certificate
+    saved as ``NAME.crt`` would otherwise be taken for a CA and silently not sent)."""
     if verify:
         ctx = ssl.create_default_context()
     else:
@@ -62,21 +63,89 @@ def make_ssl_context(host: str, *, ca_cert: str | None, verify: bool) -> ssl.SSL
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-    try:
-        if ca_cert:
-            ctx.load_verify_locations(cafile=ca_cert)
-        for base in certs_dirs():
-            folder = base / host
+    if ca_cert:
+        _load(host, Path(ca_cert), lambda: ctx.load_verify_locations(cafile=ca_cert))
+    for base in certs_dirs():
+        folder = base / host
+        try:
             if not folder.is_dir():
                 continue
-            for f in sorted(folder.iterdir()):
-                if f.suffix == ".crt":
-                    ctx.load_verify_locations(cafile=str(f))
-                elif f.suffix == ".cert":
-                    key = f.with_suffix(".key")
-                    if not key.is_file():
-                        raise TLSConfigError(f"client certificate {f} has no matching {key.name}")
-                    ctx.load_cert_chain(str(f), str(key))
-    except (OSError, ssl.SSLError) as exc:
-        raise TLSConfigError(f"cannot load TLS files for {host}: {exc}") from exc
+            files = sorted(folder.iterdir())
+        except OSError as exc:
+            raise TLSConfigError(f"cannot read {folder}: {exc.strerror or exc}") from exc
+        names = {f.name for f in files}
+        for f in files:
+            if f.suffix == ".crt":
+                _load(host, f, lambda f=f: ctx.load_verify_locations(cafile=str(f)))
+            elif f.suffix == ".cert":
+                key = f.with_suffix(".key")
+                if key.name not in names:
+                    raise TLSConfigError(f"client certificate {f} has no matching {key.name} "
+                                         f"(CA certificates must end in .crt)")
+                _load(host, f, lambda f=f, key=key: ctx.load_cert_chain(str(f), str(key)))
+            elif f.suffix == ".key" and f.with_suffix(".cert").name not in names:
+                raise TLSConfigError(f"key {f} has no matching client certificate "
+                                     f"{f.with_suffix('.cert').name}")
     return ctx
+
+
+def _load(host: str, path: Path, load: Callable[[], None]) -> None:
+    """Run ``load``; a failure is one line naming ``path`` (no ``_ssl.c`` positions)."""
+    try:
+        load()
+    except ssl.SSLError as exc:
+        reason = (exc.reason or str(exc)).replace("_", " ").lower()
+        raise TLSConfigError(f"cannot load {path} (TLS files for {host}): {reason}") from exc
+    except OSError as exc:
+        raise TLSConfigError(f"cannot load {path} (TLS files for {host}): "
+                             f"{exc.strerror or exc}") from exc
+
+
+class InsecureRegistries:
+    """docker's ``insecure-registries`` entries: ``HOST[:PORT]`` (a leading
+    ``http://`` or ``https://`` and a trailing ``/`` are dropped, as docker drops them)
+    or networks such as ``10.0.0.0/8``, which match a registry named by an address in
+    them, or by a name ``--add-host`` gives such an address."""
+
+    def __init__(self, entries: Iterable[str], add_hosts: Iterable[tuple[str, str]] = ()
+                 ) -> None:
+        self.names: set[str] = set()
+        self.networks: list[Any] = []
+        for entry in entries:
+            entry = entry.strip()
+            lower = entry.lower()
+            for scheme in ("http://", "https://"):
+                if lower.startswith(scheme):
+                    entry = entry[len(scheme):]
+            entry = entry.rstrip("/")
+            if not entry:
+                continue
+            if "/" in entry:
+                try:
+                    self.networks.append(ipaddress.ip_network(entry, strict=False))
+                    continue
+                except ValueError:
+                    pass
+            self.names.add(entry)
+        self._hosts = dict(add_hosts)
+
+    def __contains__(self, host: str) -> bool:
+        if host in self.names:
+            return True
+        if not self.networks:
+            return False
+        name = _hostname(host)
+        try:
+            address = ipaddress.ip_address(self._hosts.get(name, name))
+        except ValueError:
+            return False
+        return any(address in net for net in self.networks)
+
+
+def _hostname(host: str) -> str:
+    """The name or address in ``host[:port]`` (without IPv6 brackets)."""
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    if host.count(":") == 1:
+        return host.split(":", 1)[0]
+    return host

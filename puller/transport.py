@@ -36,7 +36,8 @@ from .errors import PullerError, RegistryError, TransportError
 _T = TypeVar("_T")
 
 __all__ = ["Transport", "ThreadedTransport", "ConnectionPool", "describe_network_error",
-           "proxy_configured", "env_proxy", "ProxyError"]
+           "proxy_configured", "env_proxy", "ProxyError", "ssl_error_of", "tls_alert",
+           "tls_refusal"]
 
 # The variables docker's Go client reads (ALL_PROXY is curl's; Go ignores it, and so do we).
 _PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")
@@ -163,13 +164,76 @@ class Transport:
                                 http.client.RemoteDisconnected))
 
 
+# OpenSSL's reasons for an alert received from the server: it speaks TLS, and refused.
+_ALERTS = ("SSLV3_ALERT_", "TLSV1_ALERT_", "TLSV13_ALERT_")
+# The server answered the ClientHello with something that is not TLS (plain HTTP).
+_NOT_TLS = ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "RECORD_LAYER_FAILURE",
+            "PACKET_LENGTH_TOO_LONG")
+# Alerts that mean "no client certificate, or not one I trust".
+_CLIENT_CERT_ALERTS = ("SSLV3_ALERT_BAD_CERTIFICATE", "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+                       "SSLV3_ALERT_CERTIFICATE_UNKNOWN", "TLSV1_ALERT_UNKNOWN_CA",
+                       "TLSV1_ALERT_ACCESS_DENIED", "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+                       "SSLV3_ALERT_CERTIFICATE_REVOKED", "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE")
+_OLD_TLS = ("TLSV1_ALERT_PROTOCOL_VERSION", "UNSUPPORTED_PROTOCOL", "NO_PROTOCOLS_AVAILABLE")
+
+
+def ssl_error_of(exc: BaseException) -> ssl.SSLError | None:
+    """The :class:`ssl.SSLError` behind ``exc`` (itself, or what a transport wrapped)."""
+    seen: list[BaseException] = []
+    todo: list[Any] = [exc]
+    while todo and len(seen) < 8:
+        e = todo.pop(0)
+        if not isinstance(e, BaseException) or any(e is s for s in seen):
+            continue
+        if isinstance(e, ssl.SSLError):
+            return e
+        seen.append(e)
+        todo += [getattr(e, "certificate_error", None), getattr(e, "os_error", None),
+                 e.__cause__, e.__context__]
+    return None
+
+
+def tls_alert(exc: BaseException) -> str | None:
+    """The reason of a TLS alert the server sent (it speaks TLS and refused us), if
+    that is what ``exc`` is; such a registry is not retried over plain HTTP."""
+    err = ssl_error_of(exc)
+    reason = getattr(err, "reason", None) or ""
+    return reason if reason.startswith(_ALERTS) else None
+
+
+def tls_refusal(exc: BaseException) -> ssl.SSLError | None:
+    """The SSL error behind ``exc`` when it is a final TLS answer (a certificate that
+    fails verification, an alert from the server, a server that does not speak TLS),
+    not a connection cut in the middle; else None."""
+    err = ssl_error_of(exc)
+    if err is None:
+        return None
+    reason = err.reason or ""
+    if isinstance(err, ssl.SSLCertVerificationError) or reason.startswith(_ALERTS) \
+            or reason in _NOT_TLS or reason in _OLD_TLS:
+        return err
+    return None
+
+
 def describe_network_error(exc: BaseException, host: str, what: str) -> PullerError:
     """A one-line :class:`TransportError` for a socket-level failure."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return _certificate_error(host, what, exc.verify_message or "not trusted")
     if isinstance(exc, ssl.SSLError):
-        err = TransportError(f"TLS handshake with {host} failed while {what}: "
-                             f"{exc.reason or type(exc).__name__}")
+        reason = exc.reason or type(exc).__name__
+        if reason in _NOT_TLS:
+            message = (f"{host} does not speak TLS while {what} (a plain-HTTP registry? "
+                       f"allow plain HTTP to it with --insecure-registry {host})")
+        elif reason in _CLIENT_CERT_ALERTS:
+            message = (f"{host} refused the TLS connection ({reason}) while {what}: it wants "
+                       f"a client certificate it trusts; put NAME.cert and NAME.key in "
+                       f"/etc/docker/certs.d/{host}/ (or $DOCKER_CONFIG/certs.d/{host}/)")
+        elif reason in _OLD_TLS:
+            message = (f"TLS handshake with {host} failed while {what}: it offers no TLS "
+                       f"version puller accepts (TLS 1.2 or later) ({reason})")
+        else:
+            message = f"TLS handshake with {host} failed while {what}: {reason}"
+        err = TransportError(message)
         err.retryable = False
         return err
     if isinstance(exc, (asyncio.TimeoutError, socket.timeout, TimeoutError)):
@@ -193,10 +257,16 @@ def describe_network_error(exc: BaseException, host: str, what: str) -> PullerEr
 
 
 def _certificate_error(host: str, what: str, reason: str) -> PullerError:
+    lowered = reason.lower()
+    if "hostname mismatch" in lowered or "ip address mismatch" in lowered \
+            or "expired" in lowered or "not yet valid" in lowered:
+        # Trusting another CA can't help with these.
+        fix = f"allow it with --insecure-registry {host}"
+    else:
+        fix = (f"trust its CA with --ca-cert FILE or /etc/docker/certs.d/{host}/ca.crt, "
+               f"or allow it with --insecure-registry {host}")
     err = TransportError(
-        f"TLS certificate of {host} could not be verified ({reason}) while {what}; "
-        f"trust its CA with --ca-cert FILE or /etc/docker/certs.d/{host}/ca.crt, "
-        f"or allow it with --insecure-registry {host}")
+        f"TLS certificate of {host} could not be verified ({reason}) while {what}; {fix}")
     err.retryable = False
     return err
 
@@ -226,7 +296,9 @@ class ConnectionPool:
                 return _NamedHTTPSConnection(host, address, port, self._timeout, ssl_context)
             return http.client.HTTPSConnection(host, port, timeout=self._timeout,
                                                context=ssl_context)
-        return http.client.HTTPConnection(address, port, timeout=self._timeout)
+        if address != host:
+            return _NamedHTTPConnection(host, address, port, self._timeout)
+        return http.client.HTTPConnection(host, port, timeout=self._timeout)
 
     def take(self, parts: Any, ssl_context: ssl.SSLContext | None
              ) -> tuple[http.client.HTTPConnection, bool]:
@@ -451,3 +523,15 @@ class _NamedHTTPSConnection(http.client.HTTPSConnection):
         sock = socket.create_connection((self._address, self.port), self.timeout)
         ctx = self._context  # type: ignore[attr-defined]
         self.sock = ctx.wrap_socket(sock, server_hostname=self.host)
+
+
+class _NamedHTTPConnection(http.client.HTTPConnection):
+    """Connects to ``address`` but sends ``Host: name``, as docker does for --add-host."""
+
+    def __init__(self, name: str, address: str, port: int, timeout: float) -> None:
+        super().__init__(name, port, timeout=timeout)
+        self._address = address
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
