@@ -23,7 +23,7 @@ import re
 import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable, NamedTuple, TypeVar
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urljoin, urlencode, urlsplit
 
 from . import __version__
 from .auth import Challenge, Token, parse_challenges, parse_token_response, pull_scope
@@ -801,10 +801,12 @@ class RegistryClient:
                             ) -> tuple[Digest, int | None, str | None] | None:
         """``HEAD`` a manifest: ``(digest, size, media type)``, or None when it is absent.
 
-        Costs no pull on Docker Hub. Raises when the registry sends no digest header
-        (the caller then GETs)."""
+        Costs no pull on Docker Hub. A registry that sends no ``Docker-Content-Digest``
+        (it is optional) is asked again with a ``GET`` for a tag; for a digest, the
+        ``200`` is the answer."""
         ident = identifier or ref.identifier
         what = f"checking manifest {ref.name}{'@' if ':' in ident else ':'}{ident}"
+        by_digest = ":" in ident
 
         async def attempt() -> tuple[Digest, int | None, str | None] | None:
             asked_at = time.monotonic()
@@ -816,19 +818,23 @@ class RegistryClient:
                 if resp.status != 200:
                     raise await self._error_for(resp, ref.api_host, what)
                 header = resp.headers.get("Docker-Content-Digest")
-                if not header:
-                    raise RegistryError(f"{ref.api_host} sent no Docker-Content-Digest while "
-                                        f"{what}")
+                ctype = resp.headers.get("Content-Type")
+                media_type = ctype.split(";", 1)[0].strip() if ctype else None
                 try:
-                    digest = Digest.parse(header.strip())
+                    if header:
+                        return Digest.parse(header.strip()), resp.content_length, media_type
+                    if by_digest:
+                        return Digest.parse(ident), resp.content_length, media_type
                 except InvalidDigest as exc:
                     raise RegistryError(f"{ref.api_host} sent a bad digest while {what}") \
                         from exc
-                ctype = resp.headers.get("Content-Type")
-                return (digest, resp.content_length,
-                        ctype.split(";", 1)[0].strip() if ctype else None)
+                return _NO_DIGEST
 
-        return await self._with_retries(what, attempt)
+        head = await self._with_retries(what, attempt)
+        if head is not _NO_DIGEST:
+            return head
+        fetched = await self.get_manifest(ref, ident)  # the digest is that of the bytes
+        return fetched.digest, len(fetched.data), fetched.media_type
 
     async def put_manifest(self, ref: Reference, identifier: str, data: bytes,
                            media_type: str) -> Digest:
@@ -987,16 +993,19 @@ class RegistryClient:
                 except (ValueError, AttributeError) as exc:
                     raise RegistryError(f"{ref.api_host} sent an unreadable tag list for "
                                         f"{ref.name}") from exc
-                return page, _next_link(link, ref)
+                return page, _next_link(link, ref, current)
 
             page, path = await self._with_retries(what, attempt)
             for t in page:
                 if t not in seen:
                     seen.add(t)
                     tags.append(t)
-            if path == current:
-                break
-        return tags
+            if path == current:  # the same page again: nothing more will come
+                return tags
+        if path is None:
+            return tags
+        raise RegistryError(f"the tag list of {ref.name} goes on past {max_pages} pages; "
+                            "stopping rather than use part of it", host=ref.api_host)
 
 
 def error_code(body: bytes) -> tuple[str | None, str | None]:
@@ -1043,20 +1052,26 @@ def upload_range(value: str | None) -> int | None:
     return 0 if end == 0 else end + 1
 
 
-def _next_link(link: str | None, ref: Reference) -> str | None:
-    """The path of a ``Link: </v2/...?...>; rel="next"`` header on the registry host."""
+def _next_link(link: str | None, ref: Reference, current: str) -> str | None:
+    """The path of the next page a ``Link: <...>; rel="next"`` header names, resolved
+    against the page it came with (``current``); None on the last page. A next page on
+    another host or outside ``/v2/`` is an error: the list would be cut short."""
     if not link:
         return None
     for part in link.split(","):
         m = re.match(r'\s*<([^>]+)>\s*;(.*)$', part)
         if m and re.search(r'rel="?next"?', m.group(2)):
-            parts = urlsplit(m.group(1))
-            if parts.netloc and parts.netloc != ref.api_host:
-                return None
-            if not parts.path.startswith("/v2/"):
-                return None
+            base = f"http://{ref.api_host}{current}"
+            parts = urlsplit(urljoin(base, m.group(1).strip()))
+            if parts.netloc != ref.api_host or not parts.path.startswith("/v2/"):
+                raise RegistryError(f"{ref.api_host} continued the tag list of {ref.name} "
+                                    f"at {m.group(1)[:200]!r}, not on its own /v2/ API",
+                                    host=ref.api_host)
             return parts.path + (f"?{parts.query}" if parts.query else "")
     return None
+
+
+_NO_DIGEST: Any = object()  # head_manifest: a 200 without the digest header
 
 
 class RateLimit(NamedTuple):

@@ -397,3 +397,65 @@ def test_rate_limit_gate():
     # 12 and 11 left: go; at 10 (the reserve) the gate starts spacing requests out.
     assert [w[2] for w in waits] == [10, 9]
     assert all(w[1] == 1.0 for w in waits)
+
+
+def test_registries_without_the_digest_header_are_mirrored_and_rechecked(
+        registry, registry_factory, fault_proxy, unique_repo):
+    """Docker-Content-Digest is optional: a source and a target that never send it are
+    mirrored, and a re-run still skips what is there (a GET of a tag's manifest instead
+    of the HEAD's header; for a digest, the 200 itself)."""
+    seed_repos(registry, unique_repo, ["a"], ["1", "2"], seed=853)
+    src = fault_proxy(registry)
+    other = registry_factory()
+    dst = fault_proxy(other)
+    for p in (src, dst):
+        p.drop_header("Docker-Content-Digest", path_regex="/manifests/")
+    source = f"{src.host}/{unique_repo}/a"
+    r = run("mirror", "--target", dst.host, source)
+    assert r.returncode == 0, r.stderr
+    assert "Mirrored 2 images: 2 copied, 0 skipped, 0 failed" in r.stdout
+    r = run("mirror", "--target", dst.host, source)
+    assert r.returncode == 0, r.stderr
+    assert "Mirrored 2 images: 0 copied, 2 skipped, 0 failed" in r.stdout
+    for tag in ("1", "2"):
+        assert skopeo_raw(f"{other.host}/{unique_repo}/a:{tag}") == \
+            skopeo_raw(f"{registry.host}/{unique_repo}/a:{tag}")
+
+
+def test_tag_list_pages_are_followed_wherever_the_link_points_on_the_registry():
+    from puller.client import _next_link
+    from puller.errors import RegistryError
+
+    ref = Reference.parse("reg.example:5000/team/app:1")
+    here = "/v2/team/app/tags/list?n=2"
+    assert _next_link('</v2/team/app/tags/list?last=b&n=2>; rel="next"', ref, here) == \
+        "/v2/team/app/tags/list?last=b&n=2"
+    assert _next_link('<?last=b&n=2>; rel="next"', ref, here) == \
+        "/v2/team/app/tags/list?last=b&n=2"  # query only: the same path
+    assert _next_link('<https://reg.example:5000/v2/team/app/tags/list?last=b>; rel=next',
+                      ref, here) == "/v2/team/app/tags/list?last=b"
+    assert _next_link('<http://x/y>; rel="prev"', ref, here) is None
+    assert _next_link(None, ref, here) is None
+    for elsewhere in ('<https://cdn.example/v2/team/app/tags/list?last=b>; rel="next"',
+                      '</api/tags?last=b>; rel="next"'):
+        with pytest.raises(RegistryError, match="continued the tag list"):
+            _next_link(elsewhere, ref, here)
+
+
+async def test_a_tag_list_longer_than_allowed_is_an_error_not_a_cut(registry, proxy,
+                                                                    unique_repo):
+    """A registry whose tag list keeps naming a next page: past the limit, an error
+    (a mirror must not quietly use part of the list)."""
+    from puller.client import ClientOptions, RegistryClient
+    from puller.errors import RegistryError
+
+    page = f"/v2/{unique_repo}/tags/list"
+    for i in range(3):
+        proxy.status(200, path_regex=r"/tags/list$", method="GET",
+                     body=json.dumps({"name": unique_repo, "tags": [f"t{i}"]}).encode(),
+                     headers={"Link": f'<{page}?last=t{i}&n=1>; rel="next"'} if i < 2 else {})
+    ref = Reference.parse(f"{proxy.host}/{unique_repo}")
+    async with RegistryClient(ClientOptions(), credentials=None) as c:
+        with pytest.raises(RegistryError, match="goes on past 2 pages"):
+            await c.list_tags(ref, page_size=1, max_pages=2)
+        assert await c.list_tags(ref, page_size=1) == ["t2"]  # (the rules are used up)

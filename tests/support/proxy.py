@@ -180,6 +180,14 @@ class FaultProxy:
                                path_re=re.compile(path_regex),
                                methods=(method.upper(),) if method else None))
 
+    def drop_header(self, name: str, path_regex: str = r"", times: int | None = None,
+                    method: str | None = None):
+        """Leave the response header ``name`` out of matching answers (a registry or
+        proxy that doesn't send it)."""
+        return self._add(_Rule("drop_header", times, {"name": name.lower()},
+                               path_re=re.compile(path_regex),
+                               methods=(method.upper(),) if method else None))
+
     def rate_limit(self, limit: int, window: float, path_regex: str = r"/manifests/") -> None:
         """Act like Docker Hub's pull limit on matching paths: a bucket of ``limit`` GETs
         that refills at ``limit / window`` per second; HEADs are free. Every matching
@@ -314,10 +322,13 @@ class FaultProxy:
             note(status=502)
             return web.Response(status=502, text=f"FaultProxy upstream error: {e!r}")
 
+        dropped = self._take(("drop_header",), method, path, False)
         async with upstream:
             resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for k, v in upstream.headers.items():  # .items() keeps repeated headers
                 if k.lower() in HOP_BY_HOP:
+                    continue
+                if dropped is not None and k.lower() == dropped.params["name"]:
                     continue
                 if k.lower() == "location" and v.startswith(self.upstream_url):
                     v = self.url + v[len(self.upstream_url):]
