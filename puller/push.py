@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Protoc
 
 from . import mediatypes
 from .digest import Digest
-from .errors import DigestMismatch, IntegrityError, ManifestError, NotFound, PullerError, \
-    SizeMismatch, StoreError, TransportError, UnsupportedManifest
+from .errors import DigestMismatch, IntegrityError, ManifestError, NoMatchingPlatform, NotFound, \
+    PullerError, SizeMismatch, StoreError, TransportError, UnsupportedManifest
 from .manifest import MAX_MANIFEST_SIZE, Descriptor, ImageIndex, ImageManifest, parse_manifest
 from .platform import Platform, select
 from .reference import Reference
@@ -744,16 +744,30 @@ def choose_platforms(data: bytes, media_type: str | None, platforms: list[Platfo
 
     ``None``: all of it, byte for byte. One platform: that image's descriptor (the caller
     fetches its manifest). Several: a new index listing just those entries (a new
-    digest). Returns (bytes, media type, descriptor of the one image or None)."""
+    digest); platforms the index doesn't have are left out (a nightly mirror of
+    ``amd64, arm64`` copies an amd64-only image rather than failing it), and an index
+    with none of them is :class:`NoMatchingPlatform`. Returns (bytes, media type,
+    descriptor of the one image or None)."""
     parsed = parse_manifest(data, media_type)
     if not platforms or not isinstance(parsed, ImageIndex):
         return data, media_type, None
     images = [d for d in parsed.images() if d.media_type in mediatypes.IMAGE_MANIFESTS]
     chosen: list[Descriptor] = []
+    missing: NoMatchingPlatform | None = None
     for p in platforms:
-        d = select([(d.platform, d) for d in images], p)
+        try:
+            d = select([(d.platform, d) for d in images], p)
+        except NoMatchingPlatform as exc:
+            missing = missing or exc
+            continue
         if d not in chosen:
             chosen.append(d)
+    if not chosen:
+        assert missing is not None
+        if len(platforms) == 1:
+            raise missing
+        raise NoMatchingPlatform(f"{name} has none of the platforms "
+                                 f"{', '.join(map(str, platforms))}")
     if len(chosen) == 1:
         return data, media_type, chosen[0]
     doc = json.loads(data)

@@ -96,3 +96,20 @@ def test_copy_with_its_output_on_a_full_disk_finishes_and_says_so(registry, regi
     assert r.returncode == 1
     assert r.stderr.splitlines() == ["puller: cannot write the output: No space left on device"]
     assert skopeo_raw(f"{other.host}/full/app:2.0") == idx.manifest
+
+
+def test_platforms_an_index_lacks_are_left_out_and_none_is_an_error(registry, unique_repo,
+                                                                    multi):
+    """Several --platform values: the ones the index has are copied (one: that image);
+    an index with none of them fails in one line, naming them."""
+    idx, amd, arm = multi
+    src = f"{registry.host}/{unique_repo}:2.0"
+    r = run("copy", "--platform", "linux/arm64", "--platform", "linux/s390x", src,
+            f"{registry.host}/{unique_repo}-some:1")
+    assert r.returncode == 0, r.stderr
+    assert skopeo_raw(f"{registry.host}/{unique_repo}-some:1") == arm.manifest
+    r = run("copy", "--platform", "linux/s390x", "--platform", "windows/amd64", src,
+            f"{registry.host}/{unique_repo}-none:1")
+    assert r.returncode == 1
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "none of the platforms linux/s390x, windows/amd64" in r.stderr
