@@ -14,6 +14,7 @@ may be reached over HTTPS without verification or, failing that, plain HTTP.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import ssl
@@ -76,20 +77,20 @@ def make_ssl_context(host: str, *, ca_cert: str | None, verify: bool) -> ssl.SSL
         names = {f.name for f in files}
         for f in files:
             if f.suffix == ".crt":
-                _load(host, f, lambda f=f: ctx.load_verify_locations(cafile=str(f)))
+                _load(host, f, functools.partial(ctx.load_verify_locations, cafile=str(f)))
             elif f.suffix == ".cert":
                 key = f.with_suffix(".key")
                 if key.name not in names:
                     raise TLSConfigError(f"client certificate {f} has no matching {key.name} "
                                          f"(CA certificates must end in .crt)")
-                _load(host, f, lambda f=f, key=key: ctx.load_cert_chain(str(f), str(key)))
+                _load(host, f, functools.partial(ctx.load_cert_chain, str(f), str(key)))
             elif f.suffix == ".key" and f.with_suffix(".cert").name not in names:
                 raise TLSConfigError(f"key {f} has no matching client certificate "
                                      f"{f.with_suffix('.cert').name}")
     return ctx
 
 
-def _load(host: str, path: Path, load: Callable[[], None]) -> None:
+def _load(host: str, path: Path, load: Callable[[], object]) -> None:
     """Run ``load``; a failure is one line naming ``path`` (no ``_ssl.c`` positions)."""
     try:
         load()

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import http.client
 import socket
-import threading
 from urllib.parse import urlsplit
 
 import pytest
 
 from puller.transport import ConnectionPool, ThreadedTransport, describe_network_error
+from tests.support.sockets import read_head, serve_connections
 
 
 class _HangUpServer:
@@ -26,32 +26,21 @@ class _HangUpServer:
         self.accepted = 0
         self.answered = 0
         self._stop = False
-        threading.Thread(target=self._serve, daemon=True).start()
+        serve_connections(self.sock, self._answer, lambda: not self._stop)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.sock.getsockname()[1]}/v2/"
 
-    def _serve(self) -> None:
-        while not self._stop:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = conn.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-            if data:
-                self.answered += 1  # before the client can see the answer
-                conn.sendall(self.answer)
-            if self.hold:
-                self.held.append(conn)
-            else:
-                conn.close()
+    def _answer(self, conn: socket.socket) -> None:
+        self.accepted += 1
+        if read_head(conn):
+            self.answered += 1  # before the client can see the answer
+            conn.sendall(self.answer)
+        if self.hold:
+            self.held.append(conn)
+        else:
+            conn.close()
 
     def close(self) -> None:
         self._stop = True

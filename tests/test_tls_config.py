@@ -12,7 +12,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import warnings
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -28,6 +27,7 @@ from puller.transport import ConnectionPool
 from tests.conftest import _need_registry
 from tests.support.images import Pusher, build_image
 from tests.support.registry import Registry
+from tests.support.sockets import read_head, serve_connections
 
 NAME = "registry.test"
 
@@ -244,25 +244,14 @@ class _NameServer:
     def __init__(self) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.hosts: list[str] = []
-        threading.Thread(target=self._serve, daemon=True).start()
+        serve_connections(self.sock, self._answer)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    chunk = conn.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
-                for line in data.decode("latin-1").split("\r\n"):
-                    if line.lower().startswith("host:"):
-                        self.hosts.append(line[5:].strip())
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            for line in read_head(conn).decode("latin-1").split("\r\n"):
+                if line.lower().startswith("host:"):
+                    self.hosts.append(line[5:].strip())
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
 
 
 def test_add_host_over_plain_http_still_sends_the_name() -> None:
@@ -298,20 +287,15 @@ class _OldTLSServer:
         self.ctx.set_ciphers("ALL:@SECLEVEL=0")  # TLS 1.0 ciphers, so it gets that far
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.accepted = 0
-        threading.Thread(target=self._serve, daemon=True).start()
+        serve_connections(self.sock, self._answer)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            try:
-                with self.ctx.wrap_socket(conn, server_side=True) as tls:
-                    tls.recv(4096)
-            except (OSError, ssl.SSLError):
-                conn.close()
+    def _answer(self, conn: socket.socket) -> None:
+        self.accepted += 1
+        try:
+            with self.ctx.wrap_socket(conn, server_side=True) as tls:
+                tls.recv(4096)
+        except (OSError, ssl.SSLError):
+            conn.close()
 
 
 def test_an_old_tls_server_is_one_clear_error_without_fallback_or_retries(pki, docker_config,
