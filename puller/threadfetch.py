@@ -219,7 +219,7 @@ def open_get(req: BlobRequest, offset: int, size: int, *, handle: Handle,
                     raise NotPlain("unusable redirect")
                 url = followed
                 handle.attach(None)
-                conn.close()
+                _close(resp, conn)
                 continue
             if resp.status == 206 and ranged:
                 m = _CONTENT_RANGE.match(resp.getheader("Content-Range") or "")
@@ -232,9 +232,19 @@ def open_get(req: BlobRequest, offset: int, size: int, *, handle: Handle,
             raise NotPlain(f"HTTP {resp.status}", resp.status, resp.headers)
         except BaseException:
             handle.attach(None)
-            conn.close()
+            _close(resp, conn)
             raise
     raise NotPlain("too many redirects")
+
+
+def _close(resp: http.client.HTTPResponse, conn: http.client.HTTPConnection) -> None:
+    """Close a connection not to be reused, and its response: the response's file keeps
+    the socket open (and the descriptor in use) until it is closed too."""
+    try:
+        resp.close()
+    except OSError:
+        pass
+    conn.close()
 
 
 def _get(conn: http.client.HTTPConnection, path: str, headers: dict[str, str],
@@ -298,7 +308,7 @@ def done_with(resp: http.client.HTTPResponse, conn: http.client.HTTPConnection,
         resp.close()
         pool.give(target, conn)
     else:
-        conn.close()
+        _close(resp, conn)
 
 
 def _receive(resp: http.client.HTTPResponse, conn: http.client.HTTPConnection,

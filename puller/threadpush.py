@@ -213,6 +213,7 @@ def _send(up: BlobRequest, method: str, url: str, length: int, source: Reader | 
         raise
     keep = False
     moved = 0
+    resp: http.client.HTTPResponse | None = None
     try:
         sending_failed: BaseException | None = None
         while moved < length:
@@ -248,6 +249,8 @@ def _send(up: BlobRequest, method: str, url: str, length: int, source: Reader | 
         if keep:
             pool.give(target, conn)
         else:
+            if resp is not None:  # its file keeps the socket open until it is closed too
+                resp.close()
             conn.close()
 
 

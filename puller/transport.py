@@ -231,8 +231,14 @@ def describe_network_error(exc: BaseException, host: str, what: str) -> PullerEr
         elif reason in _OLD_TLS:
             message = (f"TLS handshake with {host} failed while {what}: it offers no TLS "
                        f"version puller accepts (TLS 1.2 or later) ({reason})")
-        else:
+        elif tls_refusal(exc) is not None:
             message = f"TLS handshake with {host} failed while {what}: {reason}"
+        else:
+            # Not a refusal: the connection ended without TLS's goodbye (a peer or a load
+            # balancer closing it mid-transfer) or bytes went bad on the way. Like a
+            # reset: retried, and a transfer resumes from what arrived.
+            return TransportError(f"the TLS connection to {host} broke while {what} "
+                                  f"({reason})")
         err = TransportError(message)
         err.retryable = False
         return err

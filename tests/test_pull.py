@@ -219,6 +219,31 @@ async def test_cut_mid_blob_resumes_with_range(registry, proxy, unique_repo, sto
     assert blob_files(store_dir)[big] == img.layers[0]
 
 
+async def test_a_tls_transfer_cut_mid_blob_resumes_with_range(registry, unique_repo,
+                                                             store_dir, tmp_path):
+    """Real registries speak TLS: a connection cut in the middle of an encrypted body (no
+    close_notify) is a broken transfer like any other, resumed from the bytes on disk."""
+    import ssl
+
+    import trustme
+
+    from tests.support.proxy import FaultProxy
+
+    cert = trustme.CA().issue_cert("127.0.0.1")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(ctx)
+    img = build_image(seed=24, layer_sizes=[3_000_000])
+    push(registry.url, unique_repo, "tls", img)
+    big = "sha256:" + hashlib.sha256(img.layers[0]).hexdigest()
+    with FaultProxy(registry.url, ssl_context=ctx).start() as front:
+        front.cut_blob(after_bytes=1_000_000, digest=big)
+        r = await pull(store_dir, f"{front.host}/{unique_repo}:tls")  # loopback: TLS unchecked
+        reqs = front.blob_requests(big)
+    assert r.digest == img.digest and blob_files(store_dir)[big] == img.layers[0]
+    assert len(reqs) == 2 and reqs[0]["range"] is None
+    assert 0 < int(reqs[1]["range"].removeprefix("bytes=").rstrip("-")) <= 1_000_000
+
+
 async def test_server_ignoring_range_restarts_cleanly(registry, proxy, unique_repo, store_dir):
     img = build_image(seed=23, layer_sizes=[2_000_000])
     push(registry.url, unique_repo, "r", img)

@@ -309,3 +309,97 @@ def test_an_old_tls_server_is_one_clear_error_without_fallback_or_retries(pki, d
         assert server.accepted == 1  # not retried, and no plain HTTP try on top
     finally:
         server.sock.close()
+
+
+# -- a TLS connection that ends without TLS's goodbye -----------------------------------------
+
+
+class _CuttingTLSServer:
+    """Serves one blob over HTTPS. The first answer stops half-way and closes the TCP
+    connection without a TLS close_notify (as a load balancer timing a connection out
+    does); later answers honour ``Range``."""
+
+    def __init__(self, pki: dict[str, Path], data: bytes) -> None:
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(pki["server"], pki["server_key"])
+        self.data = data
+        self.ranges: list[str | None] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        serve_connections(self.sock, self._answer)
+
+    def _answer(self, conn: socket.socket) -> None:
+        try:
+            tls = self.ctx.wrap_socket(conn, server_side=True)
+            head = read_head(tls).decode("latin-1")
+        except (OSError, ssl.SSLError):
+            conn.close()
+            return
+        rng = next((line.split(":", 1)[1].strip() for line in head.split("\r\n")
+                    if line.lower().startswith("range:")), None)
+        self.ranges.append(rng)
+        start = int(rng.removeprefix("bytes=").split("-")[0]) if rng else 0
+        body = self.data[start:]
+        status = "206 Partial Content" if rng else "200 OK"
+        extra = f"Content-Range: bytes {start}-{len(self.data) - 1}/{len(self.data)}\r\n" \
+            if rng else ""
+        tls.sendall(f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n{extra}"
+                    f"Connection: close\r\n\r\n".encode())
+        if len(self.ranges) == 1:
+            tls.sendall(body[:len(body) // 2])
+            tls.shutdown(socket.SHUT_RDWR)  # TCP FIN, no close_notify
+            tls.close()
+            return
+        tls.sendall(body)
+        tls.close()
+
+
+def test_a_tls_connection_closed_without_goodbye_mid_blob_is_resumed(pki, tmp_path) -> None:
+    from puller.client import BlobRequest
+    from puller.digest import Digest
+    from puller.errors import PullerError
+    from puller.store import ContentStore
+    from puller.threadfetch import Handle, fetch_into
+
+    data = os.urandom(3_000_000)
+    server = _CuttingTLSServer(pki, data)
+    try:
+        digest = Digest.from_bytes(data)
+        ctx = make_ssl_context("127.0.0.1", ca_cert=None, verify=False)
+        req = BlobRequest(url=f"https://127.0.0.1:{server.sock.getsockname()[1]}/v2/a/b/blobs/"
+                              f"{digest}", headers={}, ssl_for=lambda _: ctx, timeout=10)
+        pool = ConnectionPool(timeout=10)
+        store = ContentStore(tmp_path / "store")
+        writer = store.ingest(digest, len(data))
+        with pytest.raises(PullerError) as info:
+            fetch_into(req, writer, handle=Handle(), progress=lambda _: None, pool=pool)
+        assert info.value.retryable, info.value  # a broken transfer, not a refusal
+        assert "broke" in str(info.value)
+        kept = writer.offset
+        assert 0 < kept <= len(data) // 2
+        fetch_into(req, writer, handle=Handle(), progress=lambda _: None, pool=pool)
+        writer.commit()
+        assert store.read(digest, max_size=len(data)) == data
+        assert server.ranges == [None, f"bytes={kept}-"]
+        pool.close()
+    finally:
+        server.sock.close()
+
+
+def test_tls_errors_that_are_not_refusals_are_retried() -> None:
+    """A handshake the peer drops (an overloaded load balancer) or a record that went bad
+    on the way is transient; a refusal (an alert, a certificate, plain HTTP) is not."""
+    from puller.transport import describe_network_error
+
+    def error(cls: type[ssl.SSLError], reason: str) -> ssl.SSLError:
+        e = cls(1, reason)
+        e.reason = reason  # as OpenSSL sets it
+        return e
+
+    for cls, reason in ((ssl.SSLEOFError, "UNEXPECTED_EOF_WHILE_READING"),
+                        (ssl.SSLError, "DECRYPTION_FAILED_OR_BAD_RECORD_MAC")):
+        err = describe_network_error(error(cls, reason), "r.example", "fetching x")
+        assert err.retryable and "TLS connection to r.example broke" in str(err), err
+    for reason in ("SSLV3_ALERT_HANDSHAKE_FAILURE", "WRONG_VERSION_NUMBER",
+                   "TLSV1_ALERT_PROTOCOL_VERSION", "SSLV3_ALERT_BAD_CERTIFICATE"):
+        assert not describe_network_error(error(ssl.SSLError, reason), "r.example",
+                                          "fetching x").retryable, reason

@@ -17,6 +17,7 @@ import asyncio
 import socket
 import threading
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 __all__ = ["free_port", "ThreadedServer"]
 
@@ -46,7 +47,10 @@ class ThreadedServer:
         name: str = "test-server",
         port: int = 0,
         shutdown_timeout: float = 0.5,
+        ssl_context: Any = None,
     ) -> None:
+        """``ssl_context``: serve HTTPS with it."""
+        self._ssl_context = ssl_context
         self._app_factory = app_factory
         self._name = name
         self._want_port = port
@@ -70,7 +74,7 @@ class ThreadedServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self._ssl_context else 'http'}://127.0.0.1:{self.port}"
 
     def start(self) -> "ThreadedServer":
         if self._thread is not None:
@@ -128,7 +132,8 @@ class ThreadedServer:
                 )
                 loop.run_until_complete(runner.setup())
                 self._runner = runner
-                site = web.TCPSite(runner, "127.0.0.1", self._want_port, reuse_address=False)
+                site = web.TCPSite(runner, "127.0.0.1", self._want_port, reuse_address=False,
+                                   ssl_context=self._ssl_context)
                 loop.run_until_complete(site.start())
                 self.port = runner.addresses[0][1]
             except BaseException as e:  # noqa: BLE001 - reported to start()

@@ -25,6 +25,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import ThreadedServer
 
@@ -67,13 +68,15 @@ class _Rule:
 
 
 class FaultProxy:
-    def __init__(self, upstream_url: str) -> None:
+    def __init__(self, upstream_url: str, ssl_context: Any = None) -> None:
+        """``ssl_context``: the proxy itself speaks HTTPS (a TLS registry's front)."""
         self.upstream_url = upstream_url.rstrip("/")
         self._lock = threading.Lock()
         self._rules: list[_Rule] = []
         self._log: list[dict] = []
         self._session = None
-        self._server = ThreadedServer(self._make_app, name="fault-proxy")
+        self._server = ThreadedServer(self._make_app, name="fault-proxy",
+                                      ssl_context=ssl_context)
         self._limiter: dict | None = None
         self.stalls_begun = 0  # stall rules that have reached their pause (all bytes sent)
 
