@@ -392,33 +392,20 @@ class RegistryClient:
                 if creds is not None and creds.username:
                     headers["Authorization"] = creds.basic()
                     self._sent_credentials.add(host)
-            target, at = url, realm_host
+            def post_stays(status: int, followed: str) -> None:
+                # A POST (an identity token in its body) only to the same origin.
+                if method == "POST" and (status not in (307, 308)
+                                         or not _same_origin(followed, url)):
+                    raise RegistryError(f"{realm_host} redirected the identity token "
+                                        f"exchange elsewhere while {what}; refusing",
+                                        host=realm_host)
+
+            at = realm_host
             try:
-                for _ in range(_MAX_REDIRECTS + 1):
-                    parts = urlsplit(target)
-                    at = parts.netloc
-                    same = _same_origin(target, url)
-                    resp = await self._transport.request(
-                        method, target, headers=headers if same else {},
-                        ssl_context=self._ssl_for(at) if parts.scheme == "https" else None,
-                        data=data)
-                    location = resp.headers.get("Location")
-                    if resp.status in (301, 302, 303, 307, 308) and location:
-                        followed = redirect_target(target, location)
-                        resp.release()
-                        if followed is None:
-                            raise unusable_redirect(at, location, what)
-                        # A POST (an identity token in its body) only to the same origin.
-                        if method == "POST" and (resp.status not in (307, 308)
-                                                 or not _same_origin(followed, url)):
-                            raise RegistryError(f"{at} redirected the identity token "
-                                                f"exchange elsewhere while {what}; refusing",
-                                                host=at)
-                        target = followed
-                        continue
-                    break
-                else:
-                    raise TransportError(f"too many redirects from {realm_host} while {what}")
+                resp, final = await self._send_following(
+                    method, url, headers={}, auth=headers, data=data, host=realm_host,
+                    what=what, check=post_stays)
+                at = urlsplit(final).netloc
                 try:
                     if resp.status != 200:
                         if resp.status in (401, 403) and creds is not None:
@@ -530,6 +517,34 @@ class RegistryClient:
             return True
         return False
 
+    async def _send_following(self, method: str, url: str, *, headers: dict[str, str],
+                              auth: dict[str, str], data: Any, host: str, what: str,
+                              check: Callable[[int, str], None] | None = None
+                              ) -> tuple[Any, str]:
+        """Send a request, following redirects (at most ``_MAX_REDIRECTS``): ``auth``
+        headers go along only while the target keeps ``url``'s origin, never to a CDN or
+        another host. ``check(status, next_url)`` may refuse a redirect by raising.
+        Returns the final response (the caller releases it) and its URL."""
+        assert self._transport is not None
+        target = url
+        for _ in range(_MAX_REDIRECTS + 1):
+            h = {**headers, **auth} if _same_origin(target, url) else dict(headers)
+            parts = urlsplit(target)
+            ssl_ctx = self._ssl_for(parts.netloc) if parts.scheme == "https" else None
+            resp = await self._transport.request(method, target, headers=h,
+                                                 ssl_context=ssl_ctx, data=data)
+            location = resp.headers.get("Location")
+            if resp.status not in (301, 302, 303, 307, 308) or not location:
+                return resp, target
+            resp.release()
+            followed = redirect_target(target, location)
+            if followed is None:
+                raise unusable_redirect(host, location, what)
+            if check is not None:
+                check(resp.status, followed)
+            target = followed
+        raise TransportError(f"too many redirects from {host} while {what}")
+
     @asynccontextmanager
     async def _request(self, method: str, ref: Reference, path: str, *, what: str,
                        headers: dict[str, str] | None = None,
@@ -564,30 +579,10 @@ class RegistryClient:
                 scheme = self._scheme(host)
                 origin = f"{scheme}://{host}{path}"
                 auth = await self._auth_header(ref, scope)
-                target = origin
-                resp: Any = None
                 try:
-                    for _ in range(_MAX_REDIRECTS + 1):
-                        h = dict(base_headers)
-                        if _same_origin(target, origin):
-                            h.update(auth)
-                        ssl_ctx = self._ssl_for(urlsplit(target).netloc) \
-                            if target.startswith("https:") else None
-                        resp = await self._transport.request(method, target, headers=h,
-                                                             ssl_context=ssl_ctx, data=data)
-                        if resp.status in (301, 302, 303, 307, 308) and \
-                                "Location" in resp.headers:
-                            location = resp.headers["Location"]
-                            resp.release()
-                            resp = None
-                            followed = redirect_target(target, location)
-                            if followed is None:
-                                raise unusable_redirect(host, location, what)
-                            target = followed
-                            continue
-                        break
-                    else:
-                        raise TransportError(f"too many redirects from {host} while {what}")
+                    resp, _ = await self._send_following(
+                        method, origin, headers=base_headers, auth=auth, data=data,
+                        host=host, what=what)
                 except PullerError:
                     raise
                 except self._failures() as exc:
@@ -600,7 +595,6 @@ class RegistryClient:
                         self._schemes[host] = "http"
                         continue
                     raise self.map_transport(exc, host, what) from exc
-                assert resp is not None
                 self._schemes.setdefault(host, scheme)
                 if resp.status == 401 and auth_round == 0:
                     auth_round = 1

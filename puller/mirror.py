@@ -244,7 +244,8 @@ def check_targets(sources: list[MirrorSource] | tuple[MirrorSource, ...],
     given, or ``PREFIX/`` + its path is not a repository name, e.g. too long)."""
     for s in sources:
         if s.target is None and target is None:
-            raise ConfigError(f"no target for {s.repository}: give --target or 'target:'")
+            raise ConfigError(f"no target for {s.repository}: give --target HOST[/PREFIX] "
+                              "or 'target:' in the config")
         plan_target(s.ref, target or ("", ""), s.target)
 
 
@@ -586,9 +587,7 @@ async def run_mirror(client: Any, transfer: Any, sources: list[MirrorSource],
     jobs: list[Job] = []
     failed_listing: list[Job] = []
 
-    def dest(src_ref: Reference, s: MirrorSource) -> Reference:
-        if s.target is None and target is None:
-            raise ConfigError(f"no target for {s.repository}: give --target or 'target:'")
+    def dest(src_ref: Reference, s: MirrorSource) -> Reference:  # (checked above)
         return plan_target(src_ref, target or ("", ""), s.target)
 
     async def expand(s: MirrorSource) -> list[Job]:

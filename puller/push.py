@@ -415,6 +415,8 @@ class Transfer:
         threads and close their connections. Runs to its end even when cancelled
         (everything it waits for is bounded: the threads were told to stop), then
         re-raises the cancellation."""
+        from .threadfetch import settle
+
         cancelled = False
         while True:
             tasks = [t for t in self._blobs.values() if not t.done()]
@@ -422,10 +424,10 @@ class Transfer:
                 break
             for t in tasks:
                 t.cancel()
-            cancelled |= await _settle(asyncio.gather(*tasks, return_exceptions=True))
+            cancelled |= await settle(asyncio.gather(*tasks, return_exceptions=True))
         threads, self._threads = self._threads, None
         if threads is not None:
-            cancelled |= await _settle(asyncio.to_thread(threads.shutdown, wait=True))
+            cancelled |= await settle(asyncio.to_thread(threads.shutdown, wait=True))
         if self._pool is not None:
             self._pool.close()
             self._pool = None
@@ -753,19 +755,16 @@ def choose_platforms(data: bytes, media_type: str | None, platforms: list[Platfo
         return data, media_type, None
     images = [d for d in parsed.images() if d.media_type in mediatypes.IMAGE_MANIFESTS]
     chosen: list[Descriptor] = []
-    missing: NoMatchingPlatform | None = None
     for p in platforms:
         try:
             d = select([(d.platform, d) for d in images], p)
-        except NoMatchingPlatform as exc:
-            missing = missing or exc
+        except NoMatchingPlatform:
+            if len(platforms) == 1:
+                raise
             continue
         if d not in chosen:
             chosen.append(d)
     if not chosen:
-        assert missing is not None
-        if len(platforms) == 1:
-            raise missing
         raise NoMatchingPlatform(f"{name} has none of the platforms "
                                  f"{', '.join(map(str, platforms))}")
     if len(chosen) == 1:
@@ -829,18 +828,3 @@ async def _gather_all(*aws: Any) -> list[Any]:
                     other.exception()
             raise t.exception()  # type: ignore[misc]
     return [t.result() for t in tasks]
-
-
-async def _settle(aw: Any) -> bool:
-    """Wait until ``aw`` has ended, even through cancellation; its outcome is dropped
-    (marked retrieved). True when we were cancelled meanwhile (the caller re-raises)."""
-    fut = asyncio.ensure_future(aw)
-    cancelled = False
-    while not fut.done():
-        try:
-            await asyncio.wait([fut])
-        except asyncio.CancelledError:
-            cancelled = True
-    if not fut.cancelled():
-        fut.exception()
-    return cancelled

@@ -28,7 +28,7 @@ from .events import BlobProgress, BlobRetry, BlobStarted, Event
 from .manifest import Descriptor
 from .reference import Reference
 from .store import BlobWriter, ContentStore
-from .threadfetch import Handle, NotPlain, fetch_into, fetch_range, in_thread
+from .threadfetch import Handle, NotPlain, fetch_into, fetch_range, in_thread, settle
 from .transport import ConnectionPool
 
 __all__ = ["BlobScheduler"]
@@ -107,11 +107,7 @@ class BlobScheduler:
             del self._inflight[digest]
             self._watchers.pop(digest, None)
         task.cancel()
-        while not task.done():
-            try:
-                await asyncio.wait([task])
-            except asyncio.CancelledError:
-                pass  # cancelled again: we are on our way out already
+        await settle(task)  # (cancelled again meanwhile: we are on our way out already)
 
     async def aclose(self) -> None:
         """Cancel downloads nobody waits for any more and wait until they have stopped."""
@@ -406,14 +402,13 @@ class BlobScheduler:
                     self._raise_error_status(np, ref, desc)
                     # A challenge or an oddity: the same ranges through the client.
         begun = writer.offset
-        held = sum(b - a for a, b in writer.held)
+        held = _span_bytes(writer.held)
         bounds = _plan(begun, desc.size, writer.held, parts)
         cursors = [a for a, _ in bounds]
         await self._run(writer.begin_segments)
 
         def done() -> int:
-            return writer.offset + held + sum(c - a for c, (a, _) in
-                                              zip(cursors[1:], bounds[1:], strict=True))
+            return writer.offset + held + _span_bytes(_reached(bounds, cursors))
 
         async def segment(i: int) -> None:
             a, b = bounds[i]
@@ -469,7 +464,7 @@ class BlobScheduler:
         others write at their offsets; once all are in, the rest is hashed from disk."""
         loop = asyncio.get_running_loop()
         begun = writer.offset
-        held = sum(b - a for a, b in writer.held)
+        held = _span_bytes(writer.held)
         bounds = _plan(begun, desc.size, writer.held, parts)
         cursors = [a for a, _ in bounds]
         digest = str(desc.digest)
@@ -478,8 +473,7 @@ class BlobScheduler:
         handles = [Handle() for _ in bounds]
 
         def received() -> int:
-            return writer.offset - begun + sum(c - a for c, (a, _) in
-                                               zip(cursors[1:], bounds[1:], strict=True))
+            return writer.offset - begun + _span_bytes(_reached(bounds, cursors))
 
         def report() -> None:  # in the loop
             self._progress(desc.digest, digest, begun + held + received(), desc.size)
@@ -640,6 +634,10 @@ def _reached(bounds: list[tuple[int, int]], cursors: list[int]) -> list[tuple[in
     """What the ranges after the first (which streams into the hash) have on disk, as
     (start, end) spans, end exclusive."""
     return [(a, c) for (a, _), c in zip(bounds[1:], cursors[1:], strict=True) if c > a]
+
+
+def _span_bytes(spans: list[tuple[int, int]]) -> int:
+    return sum(b - a for a, b in spans)
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:

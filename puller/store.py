@@ -213,7 +213,7 @@ class BlobWriter:
             # written when an attempt died (kill -9) and may have holes.
             held = _spans_from(verified, [(a, b) for a, b in held
                                           if b <= min(have, self.size)])
-            end = max([verified] + [b for _, b in held])
+            end = held[-1][1] if held else verified
             if end < have:
                 os.ftruncate(self._fd, end)
             have = verified
@@ -299,12 +299,10 @@ class BlobWriter:
                 raise ValueError(verified)
         except (ValueError, TypeError, KeyError, RecursionError):
             return 0, []
-        merged: list[tuple[int, int]] = []
-        for a, b in sorted(held):
-            if merged and a < merged[-1][1]:  # overlapping: not a note puller wrote
-                return max(0, verified), []
-            merged.append((a, b))
-        return max(0, verified), merged
+        held.sort()
+        if any(a < end for (_, end), (a, _) in zip(held, held[1:], strict=False)):
+            return max(0, verified), []  # overlapping: not a note puller wrote
+        return max(0, verified), held
 
     def _write_segments_mark(self, held: list[tuple[int, int]]) -> None:
         doc = {"verified": self.offset, "held": [[a, b] for a, b in held]}
@@ -441,7 +439,7 @@ class BlobWriter:
         if self._resumed and not self.committed:
             try:
                 held = _spans_from(self.offset, self.held)
-                end = max([self.offset] + [b for _, b in held])
+                end = held[-1][1] if held else self.offset
                 if os.fstat(self._fd).st_size > end:  # unhashed bytes nothing vouches for
                     os.ftruncate(self._fd, end)
                 if held:

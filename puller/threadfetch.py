@@ -32,7 +32,7 @@ from .store import BlobWriter
 from .transport import ConnectionPool, describe_network_error, redirect_target
 
 __all__ = ["NotPlain", "Cancelled", "Handle", "fetch_into", "fetch_range", "in_thread",
-           "open_get", "read_into", "done_with"]
+           "open_get", "read_into", "done_with", "discard", "settle"]
 
 _REPORT_EVERY = 256 * 1024  # bytes between progress reports to the event loop
 # Over TLS a read returns one record, 16 KiB at most: a read gathers this much (or the
@@ -97,14 +97,23 @@ async def in_thread(executor: Any, fn: Callable[[], Any], handle: Handle) -> Any
         return await asyncio.shield(working)
     except asyncio.CancelledError:
         handle.cancel()
-        while not working.done():
-            try:
-                await asyncio.wait([working])
-            except asyncio.CancelledError:
-                pass
-        if not working.cancelled():
-            working.exception()  # retrieved: it is the cancellation we asked for
+        await settle(working)  # its error is the cancellation we asked for
         raise
+
+
+async def settle(aw: Any) -> bool:
+    """Wait until ``aw`` has ended, even through cancellation; its outcome is dropped
+    (marked retrieved). True when we were cancelled meanwhile (the caller re-raises)."""
+    fut = asyncio.ensure_future(aw)
+    cancelled = False
+    while not fut.done():
+        try:
+            await asyncio.wait([fut])
+        except asyncio.CancelledError:
+            cancelled = True
+    if not fut.cancelled():
+        fut.exception()
+    return cancelled
 
 
 def _shutdown(sock: socket.socket) -> None:
@@ -219,7 +228,7 @@ def open_get(req: BlobRequest, offset: int, size: int, *, handle: Handle,
                     raise NotPlain("unusable redirect")
                 url = followed
                 handle.attach(None)
-                _close(resp, conn)
+                discard(resp, conn)
                 continue
             if resp.status == 206 and ranged:
                 m = _CONTENT_RANGE.match(resp.getheader("Content-Range") or "")
@@ -232,18 +241,20 @@ def open_get(req: BlobRequest, offset: int, size: int, *, handle: Handle,
             raise NotPlain(f"HTTP {resp.status}", resp.status, resp.headers)
         except BaseException:
             handle.attach(None)
-            _close(resp, conn)
+            discard(resp, conn)
             raise
     raise NotPlain("too many redirects")
 
 
-def _close(resp: http.client.HTTPResponse, conn: http.client.HTTPConnection) -> None:
-    """Close a connection not to be reused, and its response: the response's file keeps
-    the socket open (and the descriptor in use) until it is closed too."""
-    try:
-        resp.close()
-    except OSError:
-        pass
+def discard(resp: http.client.HTTPResponse | None, conn: http.client.HTTPConnection) -> None:
+    """Close a connection not to be reused, and its response if it has one: the
+    response's file keeps the socket open (and the descriptor in use) until it is closed
+    too."""
+    if resp is not None:
+        try:
+            resp.close()
+        except OSError:
+            pass
     conn.close()
 
 
@@ -308,7 +319,7 @@ def done_with(resp: http.client.HTTPResponse, conn: http.client.HTTPConnection,
         resp.close()
         pool.give(target, conn)
     else:
-        _close(resp, conn)
+        discard(resp, conn)
 
 
 def _receive(resp: http.client.HTTPResponse, conn: http.client.HTTPConnection,

@@ -34,7 +34,7 @@ from .client import BlobRequest, upload_range
 from .digest import Digest
 from .errors import DigestMismatch, PullerError, TransportError
 from .fsutil import thread_buffer
-from .threadfetch import Cancelled, Handle, NotPlain, done_with, open_get, read_into
+from .threadfetch import Cancelled, Handle, NotPlain, discard, done_with, open_get, read_into
 from .transport import ConnectionPool, describe_network_error, redirect_target, unusable_redirect
 
 __all__ = ["Reader", "FileReader", "RegistryReader", "Interrupted", "send_blob"]
@@ -249,9 +249,7 @@ def _send(up: BlobRequest, method: str, url: str, length: int, source: Reader | 
         if keep:
             pool.give(target, conn)
         else:
-            if resp is not None:  # its file keeps the socket open until it is closed too
-                resp.close()
-            conn.close()
+            discard(resp, conn)
 
 
 def _broken(exc: BaseException, host: str, what: str) -> Interrupted:

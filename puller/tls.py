@@ -119,28 +119,38 @@ class InsecureRegistries:
                 if lower.startswith(scheme):
                     entry = entry[len(scheme):]
             entry = entry.rstrip("/")
-            if not entry:
-                continue
-            if "/" in entry:
-                try:
-                    self.networks.append(ipaddress.ip_network(entry, strict=False))
-                    continue
-                except ValueError:
-                    pass
-            self.names.add(entry)
+            network = network_of(entry)
+            if network is not None:
+                self.networks.append(network)
+            elif entry:
+                self.names.add(entry)
         self._hosts = dict(add_hosts)
 
     def __contains__(self, host: str) -> bool:
         if host in self.names:
             return True
-        if not self.networks:
-            return False
         name = _hostname(host)
-        try:
-            address = ipaddress.ip_address(self._hosts.get(name, name))
-        except ValueError:
-            return False
-        return any(address in net for net in self.networks)
+        return bool(self.networks) and address_in(self._hosts.get(name, name), self.networks)
+
+
+def network_of(entry: str) -> Any:
+    """The IP network an entry such as ``10.0.0.0/8`` names, or None for anything else
+    (as in docker's insecure-registries and Go's NO_PROXY)."""
+    if "/" not in entry:
+        return None
+    try:
+        return ipaddress.ip_network(entry.strip(), strict=False)
+    except ValueError:
+        return None
+
+
+def address_in(name: str, networks: Iterable[Any]) -> bool:
+    """``name`` is an IP address in one of ``networks`` (a host name never is)."""
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return any(address in net for net in networks)
 
 
 def _hostname(host: str) -> str:

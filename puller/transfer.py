@@ -529,10 +529,7 @@ def _mirror_command(args: argparse.Namespace) -> int:
                                                                 if config else None)))
         if not sources:
             raise ConfigError("nothing to mirror: give SOURCEs or --config")
-        if target is None and any(s.target is None for s in sources):
-            raise ConfigError("no target: give --target HOST[/PREFIX] or 'target:' in the "
-                              "config")
-        check_targets(sources, target)
+        check_targets(sources, target)  # before any request: a usage error, exit 2
         if config is not None and config.concurrency and args.concurrency == 8:
             args.concurrency = config.concurrency
         client_options = _client_options(args)

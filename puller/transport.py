@@ -77,25 +77,6 @@ def _first_set(*names: str) -> tuple[str, str]:
     return "", ""
 
 
-def _in_no_proxy_network(host: str, proxies: dict[str, str]) -> bool:
-    """``NO_PROXY`` entries may be networks (``10.0.0.0/8``), as Go allows; the
-    standard library only matches names and single addresses."""
-    import ipaddress
-
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    for entry in proxies.get("no", "").split(","):
-        if "/" in entry:
-            try:
-                if address in ipaddress.ip_network(entry.strip(), strict=False):
-                    return True
-            except ValueError:
-                continue
-    return False
-
-
 class ProxyError(TransportError):
     """A proxy variable in the environment can't be used."""
 
@@ -111,7 +92,7 @@ def env_proxy(url: str) -> str | None:
     not an ``http://HOST[:PORT]`` URL."""
     from urllib.request import proxy_bypass_environment  # type: ignore[attr-defined]
 
-    from .tls import is_loopback_host
+    from .tls import address_in, is_loopback_host, network_of
 
     parts = urlsplit(url)
     host = parts.hostname or ""
@@ -120,9 +101,11 @@ def env_proxy(url: str) -> str | None:
     name, value = _first_set(f"{parts.scheme.upper()}_PROXY", f"{parts.scheme}_proxy")
     if not value:
         return None
-    no_proxy = {"no": _first_set("NO_PROXY", "no_proxy")[1]}
+    no_proxy = _first_set("NO_PROXY", "no_proxy")[1]
     netloc = parts.netloc.rpartition("@")[2]
-    if proxy_bypass_environment(netloc, no_proxy) or _in_no_proxy_network(host, no_proxy):
+    # (The standard library matches names and single addresses; Go also takes networks.)
+    networks = [n for n in map(network_of, no_proxy.split(",")) if n is not None]
+    if proxy_bypass_environment(netloc, {"no": no_proxy}) or address_in(host, networks):
         return None
     proxy = value if "://" in value else f"http://{value}"
     try:
@@ -231,7 +214,7 @@ def describe_network_error(exc: BaseException, host: str, what: str) -> PullerEr
         elif reason in _OLD_TLS:
             message = (f"TLS handshake with {host} failed while {what}: it offers no TLS "
                        f"version puller accepts (TLS 1.2 or later) ({reason})")
-        elif tls_refusal(exc) is not None:
+        elif reason.startswith(_ALERTS):  # any other refusal
             message = f"TLS handshake with {host} failed while {what}: {reason}"
         else:
             # Not a refusal: the connection ended without TLS's goodbye (a peer or a load
